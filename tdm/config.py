@@ -1,0 +1,353 @@
+"""One typed, validated configuration for a distillation run.
+
+Every constant of the paper or the official demo is a named field here, with its default and the
+published value in the description. Unknown keys are errors. The resolved config is logged to
+MLflow and stored in every checkpoint and exported model.
+
+Sources for the "paper"/"demo" values: ../shared/notes/tdm-method.md (§1.7 and §5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the offending field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _default_home() -> Path:
+    """Where tdm keeps its local state (MLflow store, checkpoints): $TDM_HOME, default ~/.tdm."""
+    return Path(os.environ.get("TDM_HOME", Path.home() / ".tdm")).expanduser()
+
+
+class TeacherConfig(Section):
+    uri: str = Field("toy", description="Teacher: 'toy' (the embedded digits teacher, trained and registered on first "
+                     "use), a local diffusers directory, a Hugging Face hub id, or models:/<name>@<alias>.")
+    negative_prompt: str = Field("", description="Prompt of the unconditional CFG branch (empty = unconditional).")
+
+
+class ToyConfig(Section):
+    """Training of the embedded toy teacher (used only when teacher.uri is 'toy')."""
+
+    model_name: str = Field("tdm-toy-teacher", description="Registered model name of the toy teacher.")
+    train_steps: int = Field(1000, ge=1, description="Optimizer steps of the toy teacher's diffusion training.")
+    channels: tuple[int, int] = Field((24, 48), description="UNet channels of the toy teacher's two levels "
+                                      "(8x8 and 4x4, cross-attention at 4x4); multiples of 8.")
+    batch_size: int = Field(128, ge=1, description="Toy teacher training batch size.")
+    lr: float = Field(2e-3, gt=0, description="Toy teacher learning rate (AdamW, cosine decay).")
+    cfg_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of dropping the caption during teacher "
+                               "training, so the teacher also learns the unconditional score for CFG.")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the toy teacher's weights.")
+    holdout_fraction: float = Field(0.4, gt=0, lt=1, description="Fraction of the digits held out from the teacher; "
+                                    "the evaluation classifier is trained on them.")
+    seed: int = Field(0, description="Seed of the toy teacher's training and data split.")
+    retrain: bool = Field(False, description="Train a new toy teacher version even if one is registered.")
+
+    @model_validator(mode="after")
+    def _channels(self):
+        if any(c < 8 or c % 8 for c in self.channels):
+            raise ValueError(f"channels must be positive multiples of 8, got {self.channels}")
+        return self
+
+
+class StudentConfig(Section):
+    num_steps: int = Field(4, ge=1, description="K, the student's number of sampling steps (paper: 4). With "
+                           "step_set, the default step count of the exported student.")
+    step_set: Optional[list[int]] = Field(None, description="TDM-unify (sampling-steps-aware objective, eq. 8): "
+                                          "the step counts drawn per iteration, e.g. 1,2,4; the student and fake "
+                                          "score are conditioned on K. None = plain fixed-K TDM.")
+    step_probs: Optional[list[float]] = Field(None, description="Sampling probabilities of step_set (default uniform).")
+    t_start: Optional[int] = Field(None, ge=1, description="T_start, top of the uniform grid t_i = round(T_start*i/K) "
+                                   "(default: the teacher's last timestep, 999; demo README: 899).")
+    timesteps: Optional[list[int]] = Field(None, description="Explicit descending grid of K timesteps (fixed K only), "
+                                           "e.g. 999,856,665,399; overrides the uniform grid.")
+
+    @property
+    def unify(self) -> bool:
+        return self.step_set is not None and len(self.step_set) > 1
+
+    @property
+    def steps(self) -> list[int]:
+        """All step counts the student is trained for."""
+        return sorted(self.step_set) if self.step_set else [self.num_steps]
+
+
+class LossConfig(Section):
+    guidance_scale: float = Field(2.0, ge=1.0, description="CFG scale of the teacher in the TDM target, diffusers "
+                                  "convention uncond + s*(cond - uncond), 1 = no guidance; baked into the student. "
+                                  "Paper: 3.5 (SD1.5, PixArt), 8 (SDXL); demo README 4.5; toy default 2.")
+    interval: Literal["separate", "to_terminal"] = Field("separate", description="Diffusion interval of tau: "
+                                                         "'separate' = [t_{k-1}, t_k) (disjoint, paper), "
+                                                         "'to_terminal' = [t_{k-1}, t_K).")
+    randmid: bool = Field(False, description="Randomise the intermediate level r ~ U[t_{k-1}, t_k - randmid_margin) "
+                          "(demo --use_randmid; not in the paper).")
+    randmid_margin: float = Field(20, ge=0, description="Upper margin of randmid (demo: 20 timesteps).")
+    margin_low: float = Field(20, ge=0, description="tau >= margin_low (demo: 20 timesteps).")
+    margin_high: float = Field(10, ge=0, description="tau < upper end - margin_high (demo: 10 timesteps).")
+    snr_gamma: Optional[float] = Field(5.0, gt=0, description="Min-SNR gamma of the fake-score loss weight "
+                                       "min(SNR(tau), gamma) (demo: 5); none = SNR weight (eps-MSE).")
+    importance_weight: bool = Field(True, description="Tempered importance weight of the fake-score loss (eq. 7; "
+                                    "ablation without it: 29.27 vs 31.35 HPS).")
+    importance_weight_max: Optional[float] = Field(None, gt=0, description="Clip of the importance weight "
+                                                   "(FastVideo: 10); none = no clip (demo).")
+    generator_loss: Literal["huber", "huber_vector", "mse"] = Field("huber", description="Generator regression: "
+                                                                    "'huber' element-wise pseudo-Huber (demo), "
+                                                                    "'huber_vector' (paper), 'mse'.")
+    huber_c: Optional[float] = Field(None, gt=0, description="Pseudo-Huber c; none = 1e-3 for 'huber' (demo) and "
+                                     "0.00054*sqrt(d) for 'huber_vector' (paper, d = latent size).")
+    normalize: bool = Field(True, description="Divide the generator loss by the per-sample DMD normaliser "
+                            "mean|x0 - x0_real| (demo).")
+    resample_for_generator: bool = Field(True, description="Draw fresh (k, r, tau, z) for the generator step "
+                                         "(demo); false reuses the fake step's.")
+
+
+class OptimConfig(Section):
+    lr_student: float = Field(2e-5, gt=0, description="Student learning rate. Paper: 2e-6 (SD1.5, PixArt), "
+                              "1e-6 (SDXL); demo: lr/5. Toy default 2e-5.")
+    lr_fake: float = Field(1e-4, gt=0, description="Fake-score learning rate (paper: 5-10x the student's; "
+                           "2e-5 for SD1.5/PixArt). Toy default 1e-4.")
+    betas: tuple[float, float] = Field((0.0, 0.999), description="AdamW betas (paper: 0, 0.999; demo: 0, 0.95).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (demo: 0.01).")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="Gradient-norm clip of both networks (paper: 1.0; the "
+                                       "demo clips the student only); none = no clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps of both networks.")
+    fake_updates_per_step: int = Field(1, ge=1, description="Fake-score updates per student update (paper: 1; "
+                                       "DMD2: 5-10).")
+
+    @model_validator(mode="after")
+    def _betas(self):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(400, ge=1, description="Distillation iterations (paper: 500 for PixArt).")
+    batch_size: int = Field(64, ge=1, description="Global batch of prompts per iteration, split over workers.")
+    seed: int = Field(0, description="Seed of all distillation randomness (per-step and per-rank streams).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: Optional[float] = Field(None, gt=0, description="CPUs per worker (default: all of a local "
+                                             "machine's CPUs divided among the workers, else 1).")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of the student (e.g. 0.999); "
+                                       "evaluation and export use the EMA weights. none = off (demo default).")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
+    storage_path: str = Field(str(_default_home() / "runs"), description="Checkpoint storage: a local directory or "
+                              "s3://bucket/prefix ($TDM_HOME/runs by default).")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+    log_every: int = Field(10, ge=1, description="Steps between metric flushes to MLflow.")
+    sample_every: int = Field(100, ge=1, description="Steps between fixed-noise sample grids in MLflow.")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address; none = $RAY_ADDRESS or a new local "
+                                       "Ray instance.")
+
+
+class EvalConfig(Section):
+    enabled: bool = Field(True, description="Evaluate after training (required for the quality gate).")
+    num_samples: int = Field(2000, ge=10, description="Samples per evaluated sampler.")
+    seed: int = Field(10_000, description="Seed of the evaluation noise (sample i uses seed + i).")
+    teacher_steps: int = Field(50, ge=1, description="Steps of the teacher reference sampler.")
+    student_steps: Optional[list[int]] = Field(None, description="Student step counts to evaluate (default 1, 2, K).")
+    batch_size: int = Field(500, ge=1, description="Evaluation batch size.")
+
+
+class GateConfig(Section):
+    """Quality gate for the `champion` alias (all must hold)."""
+
+    max_fid_ratio_teacher: float = Field(1.0, gt=0, description="student@K FID <= this x teacher's "
+                                         "teacher_steps FID at the same guidance.")
+    max_adherence_drop: float = Field(1.0, ge=0, description="student@K prompt adherence >= teacher's minus this "
+                                      "(percentage points).")
+    max_fid_ratio_teacher_ddim: float = Field(0.5, gt=0, description="student@K FID <= this x teacher DDIM@K FID.")
+
+
+class RegistryConfig(Section):
+    experiment: str = Field("tdm", description="MLflow experiment.")
+    model_name: str = Field("tdm-student", description="Registered model name of the student.")
+    alias: str = Field("champion", description="Alias set on a version that passes the gate.")
+
+
+class DataConfig(Section):
+    prompts: Optional[list[str]] = Field(None, description="Training prompts; none = the teacher's own prompt set "
+                                         "(the ten digit captions for the toy).")
+    prompt_file: Optional[str] = Field(None, description="Text file with one prompt per line.")
+
+
+class TDMConfig(Section):
+    name: Optional[str] = Field(None, description="Run name: the key of checkpoints and of the MLflow run. Running "
+                                "again with the same name resumes. none = a new timestamped name.")
+    teacher: TeacherConfig = TeacherConfig()
+    toy: ToyConfig = ToyConfig()
+    student: StudentConfig = StudentConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        s = self.student
+        if s.step_set is not None:
+            if not s.step_set or any(k < 1 for k in s.step_set) or len(set(s.step_set)) != len(s.step_set):
+                raise ValueError(f"student.step_set must be distinct step counts >= 1, got {s.step_set}")
+            if s.num_steps not in s.step_set:
+                raise ValueError(f"student.num_steps ({s.num_steps}) must be one of student.step_set {s.step_set}")
+        if s.step_probs is not None:
+            if s.step_set is None or len(s.step_probs) != len(s.step_set):
+                raise ValueError("student.step_probs needs student.step_set of the same length")
+            if any(p < 0 for p in s.step_probs) or sum(s.step_probs) <= 0:
+                raise ValueError(f"student.step_probs must be non-negative with a positive sum, got {s.step_probs}")
+        if s.timesteps is not None:
+            if s.unify:
+                raise ValueError("student.timesteps is for a fixed K; TDM-unify (student.step_set) uses uniform grids")
+            if len(s.timesteps) != s.num_steps:
+                raise ValueError(f"student.timesteps has {len(s.timesteps)} entries, student.num_steps is {s.num_steps}")
+            if any(a <= b for a, b in zip(s.timesteps, s.timesteps[1:])) or s.timesteps[-1] <= 0:
+                raise ValueError(f"student.timesteps must be strictly descending and > 0, got {s.timesteps}")
+        if self.train.batch_size % self.train.num_workers:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by "
+                             f"train.num_workers ({self.train.num_workers})")
+        if self.data.prompts is not None and not [p for p in self.data.prompts if p.strip()]:
+            raise ValueError("data.prompts is empty")
+        if self.data.prompts is not None and self.data.prompt_file is not None:
+            raise ValueError("give data.prompts or data.prompt_file, not both")
+        if self.eval.student_steps is not None and any(k < 1 for k in self.eval.student_steps):
+            raise ValueError(f"eval.student_steps must be >= 1, got {self.eval.student_steps}")
+        return self
+
+    @property
+    def eval_student_steps(self) -> list[int]:
+        steps = self.eval.student_steps or [1, 2, self.student.num_steps]
+        return sorted(set(steps))
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """{'section.field': value} for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown config key '{loc}'")
+        elif loc:
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
+        else:
+            parts.append(msg)
+    return "; ".join(parts)
+
+
+def load_config(data: dict | None = None) -> TDMConfig:
+    """Validate a nested dict into a TDMConfig; raises ConfigError naming the field."""
+    try:
+        return TDMConfig.model_validate(data or {})
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+# ---------------------------------------------------------------- command line
+# Every leaf field becomes a flag --section.field (or --field at top level); `--config FILE` reads
+# YAML/JSON first and flags override it.
+
+def _leaf_fields(model: type[BaseModel], prefix: str = ""):
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", f
+
+
+def _is_sequence(ann) -> bool:
+    for a in (ann, *typing.get_args(ann)):
+        if typing.get_origin(a) in (list, tuple):
+            return True
+    return False
+
+
+def _parse_value(raw: str, ann) -> Any:
+    optional = type(None) in typing.get_args(ann) or isinstance(ann, types.UnionType) and type(None) in ann.__args__
+    if optional and raw.strip().lower() in ("none", "null"):
+        return None
+    if _is_sequence(ann):
+        raw = raw.strip()
+        if raw.startswith("["):
+            return json.loads(raw)
+        return [] if raw == "" else [x.strip() for x in raw.split(",")]
+    return raw
+
+
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [--config FILE] [--section.field VALUE ...]",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML or JSON file with a (partial) nested config; flags override it.")
+    p.add_argument("--print-config", action="store_true", help="Print the resolved config as JSON and exit.")
+    defaults = flatten(TDMConfig().model_dump(mode="json"))
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, f in _leaf_fields(TDMConfig):
+        section = key.split(".")[0] if "." in key else "run"
+        g = groups.setdefault(section, p.add_argument_group(section))
+        default = defaults[key]
+        help_ = f"{f.description} [default: {default if default is not None else 'none'}]".replace("%", "%%")
+        g.add_argument(f"--{key}", dest=key, metavar="V", help=help_)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TDMConfig:
+    """Merge --config FILE and --section.field flags into a validated TDMConfig."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must contain a mapping of config sections")
+        data = loaded
+    fields = dict(_leaf_fields(TDMConfig))
+    for key, raw in vars(args).items():
+        if key not in fields:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{part}: expected a section, got {node!r}")
+        try:
+            node[leaf] = _parse_value(raw, fields[key].annotation)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--{key}: cannot parse {raw!r}: {e}") from None
+    return load_config(data)

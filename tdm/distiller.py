@@ -1,0 +1,231 @@
+"""One TDM iteration over the three roles (teacher, student, fake score). No Ray, no MLflow.
+
+Forward passes per iteration, the minimum the method needs (tdm-method.md §2.3 lists the demo's waste):
+  rollout          K student forwards, no grad, keeping every (x_t, x0, eps)
+  fake-score step  1 fake forward + backward; x0/eps come from the rollout (the demo recomputes them,
+                   and runs a teacher forward whose output it never reads)
+  generator step   1 student forward + backward, 1 teacher forward on [cond; uncond] (one batched
+                   call), 1 fake forward, no grad
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .backbones.base import Cond, cond_cat, predict_x0_eps
+from .config import LossConfig, OptimConfig, StudentConfig
+from .losses import (check_grid_margins, classifier_free_guidance, fake_score_loss, generator_loss,
+                     generator_normaliser, importance_weight, sample_noise_levels, sample_trajectory_index,
+                     tdm_target)
+from .sampler import Trajectory, grid_levels, sample, uniform_grid
+from .schedules import NoiseSchedule, ddim_step, mixed_noise, snr, transition
+
+
+def student_grids(student: StudentConfig, schedule: NoiseSchedule) -> dict[int, list[int]]:
+    """The descending timestep grid for every step count the student is trained for."""
+    t_start = student.t_start if student.t_start is not None else schedule.max_timestep
+    if t_start > schedule.max_timestep:
+        raise ValueError(f"student.t_start ({t_start}) exceeds the teacher's last timestep {schedule.max_timestep}")
+    if student.timesteps is not None:
+        if student.timesteps[0] > schedule.max_timestep:
+            raise ValueError(f"student.timesteps start at {student.timesteps[0]}, beyond the teacher's last "
+                             f"timestep {schedule.max_timestep}")
+        return {student.num_steps: list(student.timesteps)}
+    grids = {}
+    for k in student.steps:
+        if k > t_start:
+            raise ValueError(f"student.num_steps/step_set: K={k} is larger than the schedule allows "
+                             f"(t_start={t_start} timesteps)")
+        grids[k] = uniform_grid(k, t_start)
+    return grids
+
+
+def validate_grids(grids: dict[int, list[int]], loss: LossConfig) -> None:
+    """Every interval of every grid must leave room for tau under the configured margins."""
+    for k, grid in grids.items():
+        try:
+            check_grid_margins(grid_levels(grid), loss.interval, loss.margin_low, loss.margin_high, loss.randmid,
+                               loss.randmid_margin)
+        except ValueError as e:
+            raise ValueError(f"loss margins vs student grid for K={k} {grid}: {e}") from None
+
+
+class EMA:
+    """Exponential moving average of a module's trainable parameters (kept in float32)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in module.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for s, p in zip(self.shadow, (p for p in module.parameters() if p.requires_grad)):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        for s, p in zip(self.shadow, (p for p in module.parameters() if p.requires_grad)):
+            p.copy_(s.to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = [t.clone() for t in state["shadow"]]
+
+
+@dataclass
+class _Levels:
+    """Per-sample draws of one loss evaluation (all (B,) or (B, ...))."""
+
+    u: torch.Tensor        # student timestep t_k
+    x_u: torch.Tensor      # rollout state at t_k
+    r: torch.Tensor        # intermediate level (t_{k-1}, or randmid)
+    tau: torch.Tensor      # diffusion level in the interval
+    z: torch.Tensor        # transition noise
+
+
+def _grad_norm(params, max_norm: float | None) -> float:
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf))
+
+
+class TDMDistiller:
+    """Runs TDM iterations. `student` and `fake` may be DDP-wrapped Denoisers; `teacher` is frozen.
+
+    Step-count conditioning (TDM-unify) is active when the student config has a step set; then the
+    student and the fake score receive K, the teacher does not.
+    """
+
+    def __init__(self, student_cfg: StudentConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
+                 schedule: NoiseSchedule, latent_shape: Sequence[int], teacher: nn.Module, student: nn.Module,
+                 fake: nn.Module, opt_student, opt_fake, sched_student=None, sched_fake=None, ema: EMA | None = None):
+        self.student_cfg, self.loss_cfg, self.optim_cfg = student_cfg, loss_cfg, optim_cfg
+        self.schedule, self.latent_shape = schedule, tuple(latent_shape)
+        self.teacher, self.student, self.fake = teacher, student, fake
+        self.opt_student, self.opt_fake = opt_student, opt_fake
+        self.sched_student, self.sched_fake = sched_student, sched_fake
+        self.ema = ema
+        self.grids = student_grids(student_cfg, schedule)
+        validate_grids(self.grids, loss_cfg)
+        self.step_values = student_cfg.steps
+        given = student_cfg.step_set or self.step_values
+        probs = student_cfg.step_probs or [1.0] * len(given)
+        self.step_probs = torch.tensor([probs[given.index(v)] for v in self.step_values], dtype=torch.float64)
+        self.step_probs /= self.step_probs.sum()
+        d = math.prod(self.latent_shape)
+        c = loss_cfg.huber_c
+        self.huber_c = c if c is not None else (1e-3 if loss_cfg.generator_loss == "huber" else 0.00054 * math.sqrt(d))
+
+    # ------------------------------------------------------------------ helpers
+    def sample_num_steps(self, generator: torch.Generator) -> int:
+        """K for this iteration (fixed K, or drawn from the TDM-unify set). Use a rank-independent generator."""
+        if len(self.step_values) == 1:
+            return self.step_values[0]
+        u = torch.rand((), generator=generator, dtype=torch.float64, device=generator.device).cpu()
+        idx = int(torch.searchsorted(self.step_probs.cumsum(0), u).clamp(max=len(self.step_values) - 1))
+        return self.step_values[idx]
+
+    def _steps_cond(self, K: int, batch: int, device) -> torch.Tensor | None:
+        return torch.full((batch,), K, device=device) if self.student_cfg.unify else None
+
+    def rollout(self, cond: Cond, K: int, noise: torch.Tensor) -> Trajectory:
+        """Student K-step sampling from `noise` without grad, keeping every state and prediction."""
+        steps = self._steps_cond(K, noise.shape[0], noise.device)
+        with torch.no_grad():
+            return sample(lambda x, t: predict_x0_eps(self.student, self.schedule, x, t, cond, steps),
+                          noise, self.grids[K], self.schedule, keep_trajectory=True)
+
+    def _draw_levels(self, traj: Trajectory, K: int, generator: torch.Generator) -> tuple[_Levels, torch.Tensor]:
+        """Trajectory point k ~ U{1..K} per sample and its (u, r, tau, z); returns the levels and the
+        rollout's sampling-order index of each sample's point."""
+        B, lc = traj.states.shape[1], self.loss_cfg
+        k = sample_trajectory_index(B, K, generator).to(traj.states.device)
+        levels = torch.tensor(grid_levels(self.grids[K]), device=k.device)
+        u, r, tau = sample_noise_levels(levels, k, mode=lc.interval, margin_low=lc.margin_low,
+                                        margin_high=lc.margin_high, randmid=lc.randmid,
+                                        randmid_margin=lc.randmid_margin, discrete=self.schedule.discrete,
+                                        generator=generator)
+        i = K - k  # trajectory point k sits at sampling index K - k (index 0 is the noisiest, t_K)
+        rows = torch.arange(B, device=k.device)
+        z = torch.randn(traj.states.shape[1:], generator=generator, device=generator.device).to(traj.states)
+        return _Levels(u=u, x_u=traj.states[i, rows], r=r, tau=tau, z=z), i
+
+    def _diffuse(self, x0, eps, lv: _Levels):
+        """x_r = DDIM(x0, eps -> r), x_tau ~ q(x_tau | x_r), plus the level coefficients."""
+        a_r, s_r = self.schedule.alpha_sigma(lv.r)
+        a_t, s_t = self.schedule.alpha_sigma(lv.tau)
+        x_r = ddim_step(x0, eps, a_r, s_r)
+        x_tau = transition(x_r, a_r, s_r, a_t, s_t, lv.z)
+        return x_tau, (a_r, s_r, a_t, s_t)
+
+    # ------------------------------------------------------------------ the iteration
+    def fake_step(self, traj: Trajectory, cond: Cond, K: int, generator: torch.Generator):
+        """One fake-score update on the rollout's own predictions (eq. 7). Returns (levels, metrics)."""
+        lv, i = self._draw_levels(traj, K, generator)
+        rows = torch.arange(len(i), device=i.device)
+        x0, eps = traj.x0[i, rows], traj.eps[i, rows]
+        x_tau, (a_r, s_r, a_t, s_t) = self._diffuse(x0, eps, lv)
+        if self.loss_cfg.importance_weight:
+            w = importance_weight(mixed_noise(eps, a_r, s_r, a_t, s_t, lv.z), lv.z, self.loss_cfg.importance_weight_max)
+        else:
+            w = torch.ones_like(lv.tau)
+        x0_fake, _ = predict_x0_eps(self.fake, self.schedule, x_tau, lv.tau, cond,
+                                    self._steps_cond(K, len(i), x_tau.device))
+        loss = fake_score_loss(x0_fake, x0, snr(a_t, s_t), w, self.loss_cfg.snr_gamma)
+        self.opt_fake.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = _grad_norm(self.fake.parameters(), self.optim_cfg.grad_clip)
+        self.opt_fake.step()
+        if self.sched_fake is not None:
+            self.sched_fake.step()
+        return lv, {"loss_fake": loss.item(), "grad_norm_fake": gn, "importance_weight": w.mean().item()}
+
+    def generator_step(self, lv: _Levels, cond: Cond, uncond: Cond, K: int) -> dict:
+        """One student update: single-step grad through the student at x_{t_k}, TDM target from teacher
+        (CFG) minus fake score at x_tau (eq. 6), pseudo-Huber / MSE regression with the DMD normaliser."""
+        steps = self._steps_cond(K, lv.u.shape[0], lv.u.device)
+        x0, eps = predict_x0_eps(self.student, self.schedule, lv.x_u, lv.u, cond, steps)
+        x_tau, _ = self._diffuse(x0.detach(), eps.detach(), lv)
+        with torch.no_grad():
+            both = cond_cat(cond, uncond)
+            x0_t, _ = predict_x0_eps(self.teacher, self.schedule, torch.cat([x_tau, x_tau]),
+                                     torch.cat([lv.tau, lv.tau]), both)
+            x0_cond, x0_uncond = x0_t.chunk(2)
+            x0_real = classifier_free_guidance(x0_cond, x0_uncond, self.loss_cfg.guidance_scale)
+            x0_fake, _ = predict_x0_eps(self.fake, self.schedule, x_tau, lv.tau, cond, steps)
+        target = tdm_target(x0.detach(), x0_real, x0_fake)
+        norm = generator_normaliser(x0, x0_real) if self.loss_cfg.normalize else None
+        loss = generator_loss(x0, target, norm, self.loss_cfg.generator_loss, self.huber_c)
+        self.opt_student.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = _grad_norm(self.student.parameters(), self.optim_cfg.grad_clip)
+        self.opt_student.step()
+        if self.sched_student is not None:
+            self.sched_student.step()
+        if self.ema is not None:
+            self.ema.update(self.student)
+        return {"loss_student": loss.item(), "grad_norm_student": gn,
+                "score_gap": (x0_real - x0_fake).float().square().mean().sqrt().item()}
+
+    def step(self, cond: Cond, uncond: Cond, K: int, generator: torch.Generator) -> dict:
+        """One full TDM iteration for a batch of prompt conditions; returns scalar metrics."""
+        noise = torch.randn((cond_batch(cond), *self.latent_shape), generator=generator,
+                            device=generator.device)
+        traj = self.rollout(cond, K, noise)
+        metrics: dict[str, float] = {}
+        for _ in range(self.optim_cfg.fake_updates_per_step):
+            lv, metrics = self.fake_step(traj, cond, K, generator)
+        if self.loss_cfg.resample_for_generator:
+            lv, _ = self._draw_levels(traj, K, generator)
+        metrics.update(self.generator_step(lv, cond, uncond, K))
+        metrics["num_steps"] = K
+        return metrics
+
+
+def cond_batch(cond: Cond) -> int:
+    return next(iter(cond.values())).shape[0]

@@ -1,0 +1,1 @@
+"""The embedded toy: load_digits data, the toy teacher and the evaluation classifier."""

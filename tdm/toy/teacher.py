@@ -1,0 +1,110 @@
+"""The embedded toy teacher: a text-conditioned `UNet2DConditionModel` on 8x8 digits with a tiny
+CLIP text encoder and a word-level tokenizer, trained from scratch with CFG dropout and saved in
+diffusers layout, so it loads through the same adapter as a real SD pipeline.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..backbones import UNetBackbone
+from .data import CAPTIONS, load_digits_tensors, split_indices
+
+PIPELINE_CLASS = "TDMToyDigitsPipeline"
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+MAX_TOKENS = 8
+#: Pixel-space DDPM: the linear beta schedule of Ho et al. (also PixArt-alpha's), epsilon prediction.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                        prediction_type="epsilon", clip_sample=False)
+
+
+def build_tokenizer():
+    """Word-level tokenizer over the caption vocabulary; prompts become <bos> words <eos> <pad>..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for c in CAPTIONS for w in c.split()})
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=MAX_TOKENS)
+
+
+def build_toy_backbone(seed: int = 0, channels: tuple[int, int] = (24, 48)) -> UNetBackbone:
+    """A randomly initialised toy pipeline (UNet with two levels of `channels`, cross-attention at 4x4)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=tuple(channels),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    return UNetBackbone(unet, text_encoder, tokenizer, dict(scheduler.config), None, PIPELINE_CLASS)
+
+
+def train_toy_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int, lr: float, cfg_dropout: float,
+                      ema_decay: float, holdout_fraction: float, seed: int, channels: tuple[int, int] = (24, 48),
+                      progress: bool = True) -> dict:
+    """Train the toy teacher on the non-held-out digits and save it (EMA weights) in diffusers layout.
+
+    Epsilon-prediction DDPM loss on UNet and text encoder jointly; each caption is replaced by the
+    empty prompt with probability cfg_dropout. Returns training metrics.
+    """
+    backbone = build_toy_backbone(seed, channels)
+    unet, text_encoder = backbone.network.train().requires_grad_(True), backbone.text_encoder.train().requires_grad_(True)
+    x_all, y_all = load_digits_tensors()
+    train_idx, _ = split_indices(y_all, holdout_fraction, seed)
+    x_train, y_train = x_all[train_idx], y_all[train_idx]
+    ids = backbone.tokenizer(CAPTIONS + [""], padding="max_length", max_length=MAX_TOKENS,
+                             return_tensors="pt").input_ids  # row 10 is the empty prompt
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = min(100, train_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 *
+                                              (1 + math.cos(math.pi * min(s, train_steps) / train_steps)))
+    ema = [p.detach().clone() for p in params]
+    abar = backbone.schedule.alphas_cumprod
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in tqdm(range(train_steps), desc="toy teacher", disable=not progress, mininterval=2):
+        idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
+        x0, y = x_train[idx], y_train[idx].clone()
+        y[torch.rand(batch_size, generator=g) < cfg_dropout] = 10
+        t = torch.randint(0, len(abar), (batch_size,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+        pred = unet(a * x0 + s * eps, t, encoder_hidden_states=text_encoder(ids[y])[0]).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))  # EMA warm-up: forget the random init quickly
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    backbone.save_pretrained(out_dir)
+    tail = losses[-200:]
+    return {"train_loss_final": sum(tail) / len(tail), "train_examples": len(x_train)}

@@ -1,0 +1,190 @@
+"""MLflow glue: the tracking store, the run a distillation owns (found again by run name on resume),
+rank-0 metric and sample logging, the pyfunc model contract, and the registry.
+
+Local default: `sqlite:///$TDM_HOME/mlflow.db` (TDM_HOME defaults to ~/.tdm) with artifacts in
+`$TDM_HOME/mlartifacts`, so runs and registered models persist across invocations and working
+directories. `MLFLOW_TRACKING_URI` overrides it (e.g. an `mlflow server`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import TDMConfig, _default_home
+
+RUN_NAME_TAG = "tdm.run_name"
+PIPELINE_ARTIFACT = "pipeline"
+PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_default_home() / 'mlflow.db'}"
+
+
+def use_tracking_uri(uri: str | None = None) -> str:
+    """Point mlflow at `uri` (default: default_tracking_uri()), creating the local store's folder."""
+    import mlflow
+
+    uri = uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def get_or_create_experiment(name: str) -> str:
+    """Experiment id; a new experiment of the local default store keeps artifacts under $TDM_HOME."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (_default_home() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def find_run(experiment_id: str, run_name: str):
+    """The run carrying tag tdm.run_name == run_name, or None."""
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                      max_results=2)
+    return runs[0] if runs else None
+
+
+def model_cache_dir() -> Path:
+    return _default_home() / "cache" / "models"
+
+
+def resolve_teacher_dir(source: str, tracking_uri: str | None = None) -> str:
+    """Local directory (or hub id) of a teacher source. A registered model (models:/name/version or
+    models:/name@alias) is downloaded once per version into $TDM_HOME/cache/models and reused."""
+    if not source.startswith("models:/"):
+        return source
+    import tempfile
+
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    mv = resolve_model_version(source)
+    target = model_cache_dir() / f"{mv.name}--{mv.version}"
+    pipeline = target / "artifacts" / PIPELINE_ARTIFACT
+    if not (pipeline / "model_index.json").is_file():
+        model_cache_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=model_cache_dir(), prefix=".download-"))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(local, target)
+        except OSError:  # another worker on this node finished first
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(pipeline)
+
+
+def resolve_model_version(uri: str):
+    """ModelVersion for models:/name@alias or models:/name/version."""
+    from mlflow import MlflowClient
+
+    body = uri.removeprefix("models:/")
+    client = MlflowClient()
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, version = body.rsplit("/", 1)
+    return client.get_model_version(name, version)
+
+
+# ---------------------------------------------------------------- rank-0 logging
+
+class RankZeroLogger:
+    """Buffered per-step metrics and fixed-noise sample grids into the driver's run."""
+
+    def __init__(self, tracking_uri: str, run_id: str, cfg: TDMConfig, backbone, student, spec: dict,
+                 prompts: list[str]):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.cfg = MlflowClient(tracking_uri), run_id, cfg
+        self.buffer = []
+        self.backbone, self.student, self.spec = backbone, student, spec
+        self.sample_prompts = prompts[:10]
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.buffer += [Metric(f"train/{k}", float(v), ts, step) for k, v in metrics.items()]
+        if step % self.cfg.train.log_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
+        self.buffer = []
+
+    @torch.no_grad()
+    def log_samples(self, step: int) -> None:
+        """One grid per trained step count: rows are fixed seeds, columns the sample prompts."""
+        from .pipeline import TDMPipeline, image_grid
+
+        pipe = TDMPipeline(self.backbone, self.spec, denoiser=self.student)
+        n = len(self.sample_prompts)
+        prompts = self.sample_prompts * 4
+        for k in self.cfg.student.steps:
+            images = pipe(prompts, num_inference_steps=k, seeds=[i // n for i in range(len(prompts))])
+            scale = max(1, 64 // images.shape[-1])
+            self.client.log_image(self.run_id, image_grid(images, nrow=n, scale=scale), key=f"samples_K{k}",
+                                  step=step)
+
+
+# ---------------------------------------------------------------- the model contract
+
+def pyfunc_signature(spec: dict):
+    """predict(DataFrame{prompt}, params{num_inference_steps, guidance_scale, seed}) -> list of PNG bytes."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), params=ParamSchema([
+        ParamSpec("num_inference_steps", "long", int(spec["num_steps"])),
+        ParamSpec("guidance_scale", "double", float(spec["guidance_scale"])),
+        ParamSpec("seed", "long", 0)]))
+
+
+def log_pipeline_model(pipeline_dir: str | Path, spec: dict, name: str = "model"):
+    """Log a pipeline directory as a pyfunc model ("models from code") in the active run.
+
+    The tdm package travels with the model (code_paths), so it loads wherever its pip requirements
+    are installed. Returns mlflow's ModelInfo.
+    """
+    import mlflow
+
+    pkg = Path(__file__).parent
+    reqs = [f"torch", "diffusers", "transformers", "safetensors", "pillow", "pandas", "tokenizers", "scipy",
+            "pydantic", "pyyaml", "tqdm", "numpy"]
+    return mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_ENTRY),
+                                   artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)}, code_paths=[str(pkg)],
+                                   signature=pyfunc_signature(spec), pip_requirements=reqs,
+                                   metadata={"tdm_version": __version__, "tdm_spec": json.dumps(spec)})
+
+
+def register(model_uri: str, name: str, tags: dict, alias: str | None = None):
+    """Register a logged model as a new version of `name`, tag it, and optionally move `alias` to it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    mv = mlflow.register_model(model_uri, name)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, mv.version, k, str(v))
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return mv

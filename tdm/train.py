@@ -1,0 +1,176 @@
+"""The Ray Train worker loop: build the three roles, restore the last checkpoint, run TDM iterations,
+log from rank 0 to the driver's MLflow run, and report checkpoints with the full training state.
+
+Randomness is counter-based: every iteration draws from generators seeded by (seed, step, rank), so
+the data position and the noise of step n are the same whether or not the run was interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import cond_index, load_backbone
+from .config import TDMConfig
+from .distiller import EMA, TDMDistiller, student_grids
+
+STATE_FILE = "state.pt"
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed for (run seed, iteration, stream); stream is the rank, or -1 for rank-shared draws."""
+    return int(np.random.SeedSequence([seed, step, stream + 1]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def build_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def build_scheduler(opt, warmup_steps: int):
+    """Constant LR after a linear warm-up."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+def student_spec(cfg: TDMConfig, grids: dict[int, list[int]], schedule, teacher_source: str) -> dict:
+    """The self-description exported with a student (see tdm.pipeline)."""
+    return {"kind": "student", "num_steps": cfg.student.num_steps, "guidance_scale": cfg.loss.guidance_scale,
+            "t_start": schedule.max_timestep, "timesteps": {str(k): g for k, g in grids.items()},
+            "step_conditioned": cfg.student.unify, "step_values": cfg.student.steps,
+            "prediction_type": schedule.prediction_type, "schedule": schedule.to_dict(), "teacher": teacher_source,
+            "negative_prompt": cfg.teacher.negative_prompt}
+
+
+class TrainState:
+    """Everything a resume needs, in one place: networks, optimizers, schedulers, EMA, step, RNG."""
+
+    def __init__(self, student, fake, opt_student, opt_fake, sched_student, sched_fake, ema: EMA | None):
+        self.student, self.fake = student, fake
+        self.opt_student, self.opt_fake = opt_student, opt_fake
+        self.sched_student, self.sched_fake = sched_student, sched_fake
+        self.ema = ema
+
+    def state_dict(self, step: int, cfg: TDMConfig, extra: dict) -> dict:
+        return {
+            "step": step,
+            "student": self.student.state_dict(), "fake": self.fake.state_dict(),
+            "opt_student": self.opt_student.state_dict(), "opt_fake": self.opt_fake.state_dict(),
+            "sched_student": self.sched_student.state_dict(), "sched_fake": self.sched_fake.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "config": cfg.model_dump(mode="json"), **extra,
+        }
+
+    def load_state_dict(self, state: dict) -> int:
+        self.student.load_state_dict(state["student"])
+        self.fake.load_state_dict(state["fake"])
+        self.opt_student.load_state_dict(state["opt_student"])
+        self.opt_fake.load_state_dict(state["opt_fake"])
+        self.sched_student.load_state_dict(state["sched_student"])
+        self.sched_fake.load_state_dict(state["sched_fake"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        return int(state["step"])
+
+
+def build_roles(cfg: TDMConfig, backbone):
+    """Teacher (frozen, shared weights), student and fake score (trainable copies), optimizers, EMA."""
+    step_values = cfg.student.steps if cfg.student.unify else None
+    teacher = backbone.denoiser()
+    student = backbone.trainable_copy(step_values)
+    fake = backbone.trainable_copy(step_values)
+    o = cfg.optim
+    opt_s = build_optimizer(student.parameters(), o.lr_student, o)
+    opt_f = build_optimizer(fake.parameters(), o.lr_fake, o)
+    state = TrainState(student, fake, opt_s, opt_f, build_scheduler(opt_s, o.warmup_steps),
+                       build_scheduler(opt_f, o.warmup_steps),
+                       EMA(student, cfg.train.ema_decay) if cfg.train.ema_decay else None)
+    return teacher, state
+
+
+def load_state_file(directory: str | Path) -> dict:
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point. loop_config: config (dict), teacher_dir, teacher_source, prompts,
+    tracking_uri, run_id."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device, prepare_model
+
+    from .tracking import RankZeroLogger
+
+    cfg = TDMConfig.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+
+    from .tracking import resolve_teacher_dir
+    backbone = load_backbone(resolve_teacher_dir(loop_config["teacher_source"], loop_config["tracking_uri"]),
+                             device=device)
+    prompts = loop_config["prompts"]
+    cond_all = backbone.encode_prompts(prompts)
+    uncond_one = backbone.encode_prompts([cfg.teacher.negative_prompt])
+    teacher, state = build_roles(cfg, backbone)
+    state.student.to(device)
+    state.fake.to(device)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start = state.load_state_dict(load_state_file(d))
+    student, fake = state.student, state.fake
+    if world > 1:  # DDP for the trainable roles only; the frozen teacher is moved, not wrapped
+        student = prepare_model(student, move_to_device=False)
+        fake = prepare_model(fake, move_to_device=False)
+    distiller = TDMDistiller(cfg.student, cfg.loss, cfg.optim, backbone.schedule, backbone.latent_shape, teacher,
+                             student, fake, state.opt_student, state.opt_fake, state.sched_student,
+                             state.sched_fake, state.ema)
+    spec = student_spec(cfg, distiller.grids, backbone.schedule, loop_config["teacher_source"])
+    logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg, backbone, state.student, spec,
+                            prompts) if rank == 0 else None
+    local_batch = cfg.train.batch_size // world
+    nfe_per_sample = {k: k + 5 for k in distiller.step_values}  # rollout K + fake fwd + student fwd + 2 teacher + fake
+    t_last = time.perf_counter()
+    for step in range(start, cfg.train.max_steps):
+        g = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, step, rank))
+        K = distiller.sample_num_steps(torch.Generator().manual_seed(step_seed(cfg.train.seed, step, -1)))
+        idx = torch.randint(len(prompts), (local_batch,), generator=g, device=device)
+        cond = cond_index(cond_all, idx)
+        uncond = {k: v.expand(local_batch, *v.shape[1:]) for k, v in uncond_one.items()}
+        metrics = distiller.step(cond, uncond, K, g)
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        metrics.update(lr_student=state.sched_student.get_last_lr()[0], lr_fake=state.sched_fake.get_last_lr()[0],
+                       samples_per_s=cfg.train.batch_size / dt,
+                       nfe_per_s=cfg.train.batch_size * nfe_per_sample[K] / dt)
+        done = step + 1
+        if logger is not None:
+            logger.log_step(done, metrics)
+            if done % cfg.train.sample_every == 0 or done == cfg.train.max_steps:
+                logger.log_samples(done)
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
+            report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    torch.save(state.state_dict(done, cfg, {"teacher_source": loop_config["teacher_source"],
+                                                            "spec": spec}), Path(tmp) / STATE_FILE)
+                    (Path(tmp) / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+                    ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
+                                     checkpoint_dir_name=f"checkpoint_{done:07d}")
+                logger.flush()
+            else:
+                ray.train.report(report, checkpoint=None, checkpoint_dir_name=f"checkpoint_{done:07d}")
+    if logger is not None:
+        logger.flush()

@@ -1,0 +1,72 @@
+"""The typed config and the command line: unknown keys and out-of-range values name the field."""
+import json
+
+import pytest
+
+from tdm.config import ConfigError, TDMConfig, build_arg_parser, config_from_args, load_config
+
+
+def parse(*argv):
+    return config_from_args(build_arg_parser("test").parse_args(list(argv)))
+
+
+def test_defaults_document_every_field():
+    from tdm.config import _leaf_fields
+
+    for key, field in _leaf_fields(TDMConfig):
+        assert field.description, f"{key} has no description"
+    assert load_config().student.num_steps == 4 and load_config().loss.guidance_scale == 2.0
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"student": {"bogus": 1}}, "unknown config key 'student.bogus'"),
+    ({"nope": {}}, "unknown config key 'nope'"),
+    ({"student": {"num_steps": 0}}, "student.num_steps"),
+    ({"optim": {"lr_student": -1e-4}}, "optim.lr_student"),
+    ({"optim": {"betas": [0.9, 1.0]}}, "betas"),
+    ({"data": {"prompts": []}}, "data.prompts is empty"),
+    ({"data": {"prompts": ["  "]}}, "data.prompts is empty"),
+    ({"student": {"step_set": [1, 2]}}, "student.num_steps .4. must be one of"),
+    ({"student": {"timesteps": [999, 500]}}, "student.timesteps has 2 entries"),
+    ({"student": {"num_steps": 2, "timesteps": [500, 999]}}, "descending"),
+    ({"train": {"batch_size": 63, "num_workers": 2}}, "divisible"),
+    ({"loss": {"interval": "sideways"}}, "loss.interval"),
+    ({"loss": {"guidance_scale": 0.5}}, "loss.guidance_scale"),
+    ({"toy": {"channels": [12, 24]}}, "multiples of 8"),
+])
+def test_bad_values_name_the_field(data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(data)
+
+
+def test_command_line_types():
+    cfg = parse("--student.step_set", "1,2,4", "--loss.randmid", "true", "--optim.betas", "0,0.95",
+                "--loss.snr_gamma", "none", "--optim.lr_fake", "1e-4", "--name", "x")
+    assert cfg.student.step_set == [1, 2, 4] and cfg.student.unify and cfg.student.steps == [1, 2, 4]
+    assert cfg.loss.randmid is True and cfg.optim.betas == (0.0, 0.95) and cfg.loss.snr_gamma is None
+    assert cfg.optim.lr_fake == 1e-4 and cfg.name == "x"
+    assert parse("--data.prompts", '["a, b", "c"]').data.prompts == ["a, b", "c"]
+
+
+def test_config_file_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("student:\n  num_steps: 2\ntrain:\n  max_steps: 7\n")
+    cfg = parse("--config", str(f), "--train.max_steps", "9")
+    assert (cfg.student.num_steps, cfg.train.max_steps) == (2, 9)
+    f.write_text("student:\n  bogus: 2\n")
+    with pytest.raises(ConfigError, match="student.bogus"):
+        parse("--config", str(f))
+    with pytest.raises(ConfigError, match="--config: file not found"):
+        parse("--config", str(tmp_path / "missing.yaml"))
+
+
+def test_unknown_flag_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_arg_parser("t").parse_args(["--student.bogus", "1"])
+    assert e.value.code == 2 and "--student.bogus" in capsys.readouterr().err
+
+
+def test_resolved_config_round_trips():
+    cfg = parse("--student.step_set", "1,2,4")
+    again = TDMConfig.model_validate(json.loads(cfg.model_dump_json()))
+    assert again == cfg and cfg.to_flat_dict()["student.step_set"] == [1, 2, 4]

@@ -1,0 +1,90 @@
+"""One TDM iteration on tiny models: it learns, touches only what it should, and spends no wasted passes."""
+import pytest
+import torch
+
+from tdm.backbones import cond_index, load_backbone
+from tdm.config import load_config
+from tdm.distiller import TDMDistiller, student_grids
+from tdm.train import build_roles
+
+
+def _distiller(tiny_dir, **overrides):
+    cfg = load_config(overrides)
+    b = load_backbone(tiny_dir)
+    teacher, st = build_roles(cfg, b)
+    d = TDMDistiller(cfg.student, cfg.loss, cfg.optim, b.schedule, b.latent_shape, teacher, st.student, st.fake,
+                     st.opt_student, st.opt_fake, st.sched_student, st.sched_fake, st.ema)
+    cond = b.encode_prompts(["a handwritten digit 1", "a handwritten digit 2"] * 2)
+    uncond = b.encode_prompts([""] * 4)
+    return d, cond, uncond, st
+
+
+class CallCounter:
+    """Counts forward calls and samples of a module (through its forward hooks)."""
+
+    def __init__(self, module):
+        self.calls, self.samples, self.grad_calls = 0, 0, 0
+        module.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        self.calls += 1
+        self.samples += args[0].shape[0]
+        self.grad_calls += int(torch.is_grad_enabled())
+
+
+@pytest.mark.parametrize("resample", [True, False])
+def test_minimal_forward_passes(tiny_toy_dir, resample):
+    d, cond, uncond, _ = _distiller(tiny_toy_dir, loss={"resample_for_generator": resample})
+    counters = {name: CallCounter(getattr(d, name)) for name in ("teacher", "student", "fake")}
+    d.step(cond, uncond, 4, torch.Generator().manual_seed(0))
+    s, t, f = counters["student"], counters["teacher"], counters["fake"]
+    assert (s.calls, s.grad_calls) == (4 + 1, 1)      # K rollout forwards (no grad) + one with grad
+    assert (t.calls, t.samples) == (1, 2 * 4)          # cond and uncond in ONE batched call, no fake-step forward
+    assert (f.calls, f.grad_calls) == (2, 1)           # fake-score update + no-grad target
+
+
+def test_step_updates_student_and_fake_only(tiny_toy_dir):
+    d, cond, uncond, st = _distiller(tiny_toy_dir, train={"ema_decay": 0.9})
+    before = {n: [p.detach().clone() for p in getattr(d, n).parameters()] for n in ("teacher", "student", "fake")}
+    m = d.step(cond, uncond, 4, torch.Generator().manual_seed(0))
+    for key in ("loss_fake", "loss_student", "grad_norm_fake", "grad_norm_student", "importance_weight"):
+        assert torch.isfinite(torch.tensor(m[key])), key
+    changed = {n: any(not torch.equal(a, b) for a, b in zip(before[n], getattr(d, n).parameters())) for n in before}
+    assert changed == {"teacher": False, "student": True, "fake": True}
+    assert any(not torch.equal(e, p) for e, p in zip(st.ema.shadow, d.student.parameters()))
+
+
+def test_unify_conditions_student_and_fake_on_k(tiny_toy_dir):
+    d, cond, uncond, _ = _distiller(tiny_toy_dir, student={"num_steps": 4, "step_set": [1, 2, 4]})
+    assert d.grids == {1: [999], 2: [999, 500], 4: [999, 749, 500, 250]}
+    assert d.student.step_embedding is not None and d.fake.step_embedding is not None
+    d.step(cond, uncond, 2, torch.Generator().manual_seed(0))
+    grad_rows = d.student.step_embedding.embedding.weight.grad.abs().sum(1)
+    assert grad_rows[1] > 0 and grad_rows[0] == 0 and grad_rows[2] == 0   # only K = 2's row learns
+    ks = [d.sample_num_steps(torch.Generator().manual_seed(i)) for i in range(300)]
+    assert set(ks) == {1, 2, 4}
+
+
+def test_step_probabilities_follow_the_given_order(tiny_toy_dir):
+    d, *_ = _distiller(tiny_toy_dir, student={"num_steps": 4, "step_set": [4, 1], "step_probs": [1.0, 0.0]})
+    assert {d.sample_num_steps(torch.Generator().manual_seed(i)) for i in range(50)} == {4}
+
+
+def test_grid_validation_names_the_problem(tiny_toy_dir):
+    b = load_backbone(tiny_toy_dir)
+    cfg = load_config({"student": {"num_steps": 2, "t_start": 1500}})
+    with pytest.raises(ValueError, match="t_start"):
+        student_grids(cfg.student, b.schedule)
+    cfg = load_config({"student": {"num_steps": 1000}})
+    with pytest.raises(ValueError, match="larger than the schedule"):
+        student_grids(cfg.student, b.schedule)
+    with pytest.raises(ValueError, match="margin"):
+        _distiller(tiny_toy_dir, student={"num_steps": 40})      # intervals of 25 < 20 + 10
+
+
+def test_fake_score_fits_the_student_on_a_fixed_batch(tiny_toy_dir):
+    """Repeated iterations on one batch and noise: the fake-score loss goes down."""
+    d, cond, uncond, _ = _distiller(tiny_toy_dir, student={"num_steps": 1}, optim={"lr_student": 1e-5, "lr_fake": 1e-3})
+    first = d.step(cond, uncond, 1, torch.Generator().manual_seed(0))["loss_fake"]
+    last = [d.step(cond, uncond, 1, torch.Generator().manual_seed(0))["loss_fake"] for _ in range(15)][-1]
+    assert last < first
