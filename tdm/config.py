@@ -124,6 +124,9 @@ class OptimConfig(Section):
     grad_clip: Optional[float] = Field(1.0, gt=0, description="Gradient-norm clip of both networks (paper: 1.0; the "
                                        "demo clips the student only); none = no clip.")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps of both networks.")
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="LR after warm-up for both networks: "
+                                                       "'constant' (demo's fake score) or 'cosine' decay to 0 at "
+                                                       "train.max_steps (settles the final iterate).")
     fake_updates_per_step: int = Field(1, ge=1, description="Fake-score updates per student update (paper: 1; "
                                        "DMD2: 5-10).")
 
@@ -136,7 +139,12 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     max_steps: int = Field(400, ge=1, description="Distillation iterations (paper: 500 for PixArt).")
-    batch_size: int = Field(64, ge=1, description="Global batch of prompts per iteration, split over workers.")
+    batch_size: int = Field(64, ge=1, description="Global batch of prompts per iteration: the same for any worker "
+                            "count; split over workers x grad_accum_steps micro-batches.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per worker and iteration (gradient "
+                                  "accumulation); each network still steps once per iteration.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast of the network calls "
+                                                           "(GPU only); fp16 adds loss scaling. TDM math stays fp32.")
     seed: int = Field(0, description="Seed of all distillation randomness (per-step and per-rank streams).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -220,9 +228,12 @@ class TDMConfig(Section):
                 raise ValueError(f"student.timesteps has {len(s.timesteps)} entries, student.num_steps is {s.num_steps}")
             if any(a <= b for a, b in zip(s.timesteps, s.timesteps[1:])) or s.timesteps[-1] <= 0:
                 raise ValueError(f"student.timesteps must be strictly descending and > 0, got {s.timesteps}")
-        if self.train.batch_size % self.train.num_workers:
-            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by "
-                             f"train.num_workers ({self.train.num_workers})")
+        t = self.train
+        if t.batch_size % (t.num_workers * t.grad_accum_steps):
+            raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by train.num_workers x "
+                             f"train.grad_accum_steps ({t.num_workers} x {t.grad_accum_steps})")
+        if t.mixed_precision != "no" and not t.use_gpu:
+            raise ValueError(f"train.mixed_precision={t.mixed_precision} needs train.use_gpu (CPU runs in fp32)")
         if self.data.prompts is not None and not [p for p in self.data.prompts if p.strip()]:
             raise ValueError("data.prompts is empty")
         if self.data.prompts is not None and self.data.prompt_file is not None:

@@ -9,6 +9,7 @@ Forward passes per iteration, the minimum the method needs (tdm-method.md §2.3 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -103,13 +104,21 @@ class TDMDistiller:
 
     def __init__(self, student_cfg: StudentConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
                  schedule: NoiseSchedule, latent_shape: Sequence[int], teacher: nn.Module, student: nn.Module,
-                 fake: nn.Module, opt_student, opt_fake, sched_student=None, sched_fake=None, ema: EMA | None = None):
+                 fake: nn.Module, opt_student, opt_fake, sched_student=None, sched_fake=None, ema: EMA | None = None,
+                 mixed_precision: str = "no", device_type: str = "cpu"):
         self.student_cfg, self.loss_cfg, self.optim_cfg = student_cfg, loss_cfg, optim_cfg
         self.schedule, self.latent_shape = schedule, tuple(latent_shape)
         self.teacher, self.student, self.fake = teacher, student, fake
         self.opt_student, self.opt_fake = opt_student, opt_fake
         self.sched_student, self.sched_fake = sched_student, sched_fake
         self.ema = ema
+        # bf16/fp16 autocast for the network calls; the TDM math (conversions, losses) stays in float32.
+        # fp16 needs loss scaling: one GradScaler per optimizer.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        self.autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
+        fp16 = mixed_precision == "fp16"
+        self.scaler_student = torch.amp.GradScaler(device_type) if fp16 else None
+        self.scaler_fake = torch.amp.GradScaler(device_type) if fp16 else None
         self.grids = student_grids(student_cfg, schedule)
         validate_grids(self.grids, loss_cfg)
         self.step_values = student_cfg.steps
@@ -163,9 +172,29 @@ class TDMDistiller:
         x_tau = transition(x_r, a_r, s_r, a_t, s_t, lv.z)
         return x_tau, (a_r, s_r, a_t, s_t)
 
+    def _update(self, module: nn.Module, opt, sched, scaler) -> float:
+        """Unscale, clip (returns the pre-clip grad norm), optimizer and LR-scheduler step."""
+        if scaler is not None:
+            scaler.unscale_(opt)
+        gn = _grad_norm(module.parameters(), self.optim_cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if sched is not None:
+            sched.step()
+        return gn
+
+    def _backward(self, loss: torch.Tensor, module: nn.Module, scaler, last: bool) -> None:
+        """Accumulate gradients; DDP all-reduces only on the last micro-batch."""
+        sync = module.no_sync() if (not last and hasattr(module, "no_sync")) else contextlib.nullcontext()
+        with sync:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
     # ------------------------------------------------------------------ the iteration
-    def fake_step(self, traj: Trajectory, cond: Cond, K: int, generator: torch.Generator):
-        """One fake-score update on the rollout's own predictions (eq. 7). Returns (levels, metrics)."""
+    def fake_loss(self, traj: Trajectory, cond: Cond, K: int, generator: torch.Generator):
+        """Fake-score loss on the rollout's own predictions (eq. 7). Returns (levels, loss, weights)."""
         lv, i = self._draw_levels(traj, K, generator)
         rows = torch.arange(len(i), device=i.device)
         x0, eps = traj.x0[i, rows], traj.eps[i, rows]
@@ -174,56 +203,62 @@ class TDMDistiller:
             w = importance_weight(mixed_noise(eps, a_r, s_r, a_t, s_t, lv.z), lv.z, self.loss_cfg.importance_weight_max)
         else:
             w = torch.ones_like(lv.tau)
-        x0_fake, _ = predict_x0_eps(self.fake, self.schedule, x_tau, lv.tau, cond,
-                                    self._steps_cond(K, len(i), x_tau.device))
-        loss = fake_score_loss(x0_fake, x0, snr(a_t, s_t), w, self.loss_cfg.snr_gamma)
-        self.opt_fake.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = _grad_norm(self.fake.parameters(), self.optim_cfg.grad_clip)
-        self.opt_fake.step()
-        if self.sched_fake is not None:
-            self.sched_fake.step()
-        return lv, {"loss_fake": loss.item(), "grad_norm_fake": gn, "importance_weight": w.mean().item()}
+        with self.autocast():
+            x0_fake, _ = predict_x0_eps(self.fake, self.schedule, x_tau, lv.tau, cond,
+                                        self._steps_cond(K, len(i), x_tau.device))
+        return lv, fake_score_loss(x0_fake, x0, snr(a_t, s_t), w, self.loss_cfg.snr_gamma), w
 
-    def generator_step(self, lv: _Levels, cond: Cond, uncond: Cond, K: int) -> dict:
-        """One student update: single-step grad through the student at x_{t_k}, TDM target from teacher
-        (CFG) minus fake score at x_tau (eq. 6), pseudo-Huber / MSE regression with the DMD normaliser."""
+    def generator_loss(self, lv: _Levels, cond: Cond, uncond: Cond, K: int):
+        """Student loss: single-step grad through the student at x_{t_k}; TDM target from the teacher
+        (CFG) minus the fake score at x_tau (eq. 6); pseudo-Huber / MSE with the DMD normaliser.
+        Returns (loss, rms score gap)."""
         steps = self._steps_cond(K, lv.u.shape[0], lv.u.device)
-        x0, eps = predict_x0_eps(self.student, self.schedule, lv.x_u, lv.u, cond, steps)
+        with self.autocast():
+            x0, eps = predict_x0_eps(self.student, self.schedule, lv.x_u, lv.u, cond, steps)
         x_tau, _ = self._diffuse(x0.detach(), eps.detach(), lv)
-        with torch.no_grad():
-            both = cond_cat(cond, uncond)
+        with torch.no_grad(), self.autocast():
             x0_t, _ = predict_x0_eps(self.teacher, self.schedule, torch.cat([x_tau, x_tau]),
-                                     torch.cat([lv.tau, lv.tau]), both)
+                                     torch.cat([lv.tau, lv.tau]), cond_cat(cond, uncond))
             x0_cond, x0_uncond = x0_t.chunk(2)
             x0_real = classifier_free_guidance(x0_cond, x0_uncond, self.loss_cfg.guidance_scale)
             x0_fake, _ = predict_x0_eps(self.fake, self.schedule, x_tau, lv.tau, cond, steps)
         target = tdm_target(x0.detach(), x0_real, x0_fake)
         norm = generator_normaliser(x0, x0_real) if self.loss_cfg.normalize else None
         loss = generator_loss(x0, target, norm, self.loss_cfg.generator_loss, self.huber_c)
-        self.opt_student.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = _grad_norm(self.student.parameters(), self.optim_cfg.grad_clip)
-        self.opt_student.step()
-        if self.sched_student is not None:
-            self.sched_student.step()
-        if self.ema is not None:
-            self.ema.update(self.student)
-        return {"loss_student": loss.item(), "grad_norm_student": gn,
-                "score_gap": (x0_real - x0_fake).float().square().mean().sqrt().item()}
+        return loss, (x0_real - x0_fake).float().square().mean().sqrt()
 
-    def step(self, cond: Cond, uncond: Cond, K: int, generator: torch.Generator) -> dict:
-        """One full TDM iteration for a batch of prompt conditions; returns scalar metrics."""
-        noise = torch.randn((cond_batch(cond), *self.latent_shape), generator=generator,
-                            device=generator.device)
-        traj = self.rollout(cond, K, noise)
+    def step(self, micro_batches: Sequence[tuple[Cond, Cond]], K: int, generator: torch.Generator) -> dict:
+        """One TDM iteration over micro-batches [(cond, uncond), ...] (gradient accumulation: the
+        losses are averaged, each network steps once). Returns scalar metrics."""
+        n = len(micro_batches)
+        with self.autocast():
+            trajs = [self.rollout(c, K, torch.randn((cond_batch(c), *self.latent_shape), generator=generator,
+                                                    device=generator.device)) for c, _ in micro_batches]
         metrics: dict[str, float] = {}
         for _ in range(self.optim_cfg.fake_updates_per_step):
-            lv, metrics = self.fake_step(traj, cond, K, generator)
+            self.opt_fake.zero_grad(set_to_none=True)
+            levels, loss_f, w_mean = [], 0.0, 0.0
+            for j, (traj, (cond, _)) in enumerate(zip(trajs, micro_batches)):
+                lv, loss, w = self.fake_loss(traj, cond, K, generator)
+                self._backward(loss / n, self.fake, self.scaler_fake, last=j == n - 1)
+                levels.append(lv)
+                loss_f += loss.item() / n
+                w_mean += w.mean().item() / n
+            gn = self._update(self.fake, self.opt_fake, self.sched_fake, self.scaler_fake)
+            metrics.update(loss_fake=loss_f, grad_norm_fake=gn, importance_weight=w_mean)
         if self.loss_cfg.resample_for_generator:
-            lv, _ = self._draw_levels(traj, K, generator)
-        metrics.update(self.generator_step(lv, cond, uncond, K))
-        metrics["num_steps"] = K
+            levels = [self._draw_levels(traj, K, generator)[0] for traj in trajs]
+        self.opt_student.zero_grad(set_to_none=True)
+        loss_s, gap = 0.0, 0.0
+        for j, (lv, (cond, uncond)) in enumerate(zip(levels, micro_batches)):
+            loss, g = self.generator_loss(lv, cond, uncond, K)
+            self._backward(loss / n, self.student, self.scaler_student, last=j == n - 1)
+            loss_s += loss.item() / n
+            gap += g.item() / n
+        gn = self._update(self.student, self.opt_student, self.sched_student, self.scaler_student)
+        if self.ema is not None:
+            self.ema.update(self.student)
+        metrics.update(loss_student=loss_s, grad_norm_student=gn, score_gap=gap, num_steps=K)
         return metrics
 
 

@@ -105,8 +105,6 @@ def teacher_cache_key(teacher_identity: dict, evaluator: DigitEvaluator, **param
 def evaluate_teacher_cached(teacher_pipe, evaluator, cache_dir: Path | None, teacher_identity: dict, **kw):
     """Teacher rows are deterministic for a given teacher, evaluator, sampler and seeds: cache them
     (row + grid) so later distillations of the same teacher skip the 50-step reference run."""
-    from PIL import Image
-
     if cache_dir is not None:
         key = teacher_cache_key(teacher_identity, evaluator, name=kw["name"], steps=kw["steps"],
                                 guidance=kw["guidance"], n=kw["num_samples"], seed=kw["seed"])
@@ -118,7 +116,6 @@ def evaluate_teacher_cached(teacher_pipe, evaluator, cache_dir: Path | None, tea
         cache_dir.mkdir(parents=True, exist_ok=True)
         torch.save(images, img_file)
         row_file.write_text(json.dumps(asdict(row)))
-    del Image
     return row, images, False
 
 

@@ -184,21 +184,16 @@ def _evaluate_and_export(cfg_json: str, checkpoint, teacher_source: str, trackin
     from .backbones import load_backbone
     from .evaluate import DigitEvaluator, evaluate_pipeline, evaluate_teacher_cached, gate
     from .pipeline import TDMPipeline, image_grid
-    from .train import build_roles, load_state_file
+    from .train import load_state_file, student_from_state
     from .tracking import log_pipeline_model, resolve_teacher_dir, use_tracking_uri
 
     cfg = TDMConfig.model_validate_json(cfg_json)
     use_tracking_uri(tracking_uri)
     teacher_dir = resolve_teacher_dir(teacher_source, tracking_uri)
     backbone = load_backbone(teacher_dir)
-    _, state = build_roles(cfg, backbone)
     with checkpoint.as_directory() as d:
         saved = load_state_file(d)
-    state.student.load_state_dict(saved["student"])
-    if state.ema is not None and saved.get("ema") is not None:
-        state.ema.load_state_dict(saved["ema"])
-        state.ema.copy_to(state.student)  # the exported student is the EMA
-    student = TDMPipeline(backbone, saved["spec"], denoiser=state.student.eval().requires_grad_(False))
+    student = TDMPipeline(backbone, saved["spec"], denoiser=student_from_state(cfg, backbone, saved))
     out: dict = {"spec": saved["spec"], "step": saved["step"]}
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         student.save_pretrained(tmp)

@@ -7,6 +7,7 @@ the data position and the noise of step n are the same whether or not the run wa
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
@@ -32,9 +33,19 @@ def build_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
 
 
-def build_scheduler(opt, warmup_steps: int):
-    """Constant LR after a linear warm-up."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """LR multiplier at `step`: linear warm-up to 1, then constant or cosine decay to 0 at total_steps."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "cosine":
+        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warm
+
+
+def build_scheduler(opt, cfg: TDMConfig):
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, o.warmup_steps, cfg.train.max_steps, o.lr_schedule))
 
 
 def student_spec(cfg: TDMConfig, grids: dict[int, list[int]], schedule, teacher_source: str) -> dict:
@@ -90,14 +101,24 @@ def build_roles(cfg: TDMConfig, backbone):
     o = cfg.optim
     opt_s = build_optimizer(student.parameters(), o.lr_student, o)
     opt_f = build_optimizer(fake.parameters(), o.lr_fake, o)
-    state = TrainState(student, fake, opt_s, opt_f, build_scheduler(opt_s, o.warmup_steps),
-                       build_scheduler(opt_f, o.warmup_steps),
+    state = TrainState(student, fake, opt_s, opt_f, build_scheduler(opt_s, cfg), build_scheduler(opt_f, cfg),
                        EMA(student, cfg.train.ema_decay) if cfg.train.ema_decay else None)
     return teacher, state
 
 
 def load_state_file(directory: str | Path) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def student_from_state(cfg: TDMConfig, backbone, state: dict):
+    """The student of a checkpoint (its EMA weights when EMA is on), frozen, ready to sample."""
+    student = backbone.trainable_copy(cfg.student.steps if cfg.student.unify else None)
+    student.load_state_dict(state["student"])
+    if state.get("ema") is not None:
+        ema = EMA(student, state["ema"]["decay"])
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(student)
+    return student.eval().requires_grad_(False)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -136,26 +157,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
         fake = prepare_model(fake, move_to_device=False)
     distiller = TDMDistiller(cfg.student, cfg.loss, cfg.optim, backbone.schedule, backbone.latent_shape, teacher,
                              student, fake, state.opt_student, state.opt_fake, state.sched_student,
-                             state.sched_fake, state.ema)
+                             state.sched_fake, state.ema, cfg.train.mixed_precision, device.type)
     spec = student_spec(cfg, distiller.grids, backbone.schedule, loop_config["teacher_source"])
     logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg, backbone, state.student, spec,
                             prompts) if rank == 0 else None
-    local_batch = cfg.train.batch_size // world
+    accum = cfg.train.grad_accum_steps
+    micro = cfg.train.batch_size // (world * accum)
     nfe_per_sample = {k: k + 5 for k in distiller.step_values}  # rollout K + fake fwd + student fwd + 2 teacher + fake
+    # Ray's tqdm renders one bar in the driver's terminal for the rank-0 worker
+    from ray.experimental.tqdm_ray import tqdm
+    bar = tqdm(total=cfg.train.max_steps, desc=f"distill {ctx.get_experiment_name()}", position=0) \
+        if rank == 0 else None
+    if bar is not None:
+        bar.update(start)
     t_last = time.perf_counter()
     for step in range(start, cfg.train.max_steps):
         g = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, step, rank))
         K = distiller.sample_num_steps(torch.Generator().manual_seed(step_seed(cfg.train.seed, step, -1)))
-        idx = torch.randint(len(prompts), (local_batch,), generator=g, device=device)
-        cond = cond_index(cond_all, idx)
-        uncond = {k: v.expand(local_batch, *v.shape[1:]) for k, v in uncond_one.items()}
-        metrics = distiller.step(cond, uncond, K, g)
+        idx = torch.randint(len(prompts), (accum, micro), generator=g, device=device)
+        uncond = {k: v.expand(micro, *v.shape[1:]) for k, v in uncond_one.items()}
+        metrics = distiller.step([(cond_index(cond_all, i), uncond) for i in idx], K, g)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         metrics.update(lr_student=state.sched_student.get_last_lr()[0], lr_fake=state.sched_fake.get_last_lr()[0],
                        samples_per_s=cfg.train.batch_size / dt,
                        nfe_per_s=cfg.train.batch_size * nfe_per_sample[K] / dt)
         done = step + 1
+        if bar is not None:
+            bar.update(1)
         if logger is not None:
             logger.log_step(done, metrics)
             if done % cfg.train.sample_every == 0 or done == cfg.train.max_steps:
@@ -174,3 +203,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(report, checkpoint=None, checkpoint_dir_name=f"checkpoint_{done:07d}")
     if logger is not None:
         logger.flush()
+        bar.close()

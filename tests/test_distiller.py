@@ -36,7 +36,7 @@ class CallCounter:
 def test_minimal_forward_passes(tiny_toy_dir, resample):
     d, cond, uncond, _ = _distiller(tiny_toy_dir, loss={"resample_for_generator": resample})
     counters = {name: CallCounter(getattr(d, name)) for name in ("teacher", "student", "fake")}
-    d.step(cond, uncond, 4, torch.Generator().manual_seed(0))
+    d.step([(cond, uncond)], 4, torch.Generator().manual_seed(0))
     s, t, f = counters["student"], counters["teacher"], counters["fake"]
     assert (s.calls, s.grad_calls) == (4 + 1, 1)      # K rollout forwards (no grad) + one with grad
     assert (t.calls, t.samples) == (1, 2 * 4)          # cond and uncond in ONE batched call, no fake-step forward
@@ -46,7 +46,7 @@ def test_minimal_forward_passes(tiny_toy_dir, resample):
 def test_step_updates_student_and_fake_only(tiny_toy_dir):
     d, cond, uncond, st = _distiller(tiny_toy_dir, train={"ema_decay": 0.9})
     before = {n: [p.detach().clone() for p in getattr(d, n).parameters()] for n in ("teacher", "student", "fake")}
-    m = d.step(cond, uncond, 4, torch.Generator().manual_seed(0))
+    m = d.step([(cond, uncond)], 4, torch.Generator().manual_seed(0))
     for key in ("loss_fake", "loss_student", "grad_norm_fake", "grad_norm_student", "importance_weight"):
         assert torch.isfinite(torch.tensor(m[key])), key
     changed = {n: any(not torch.equal(a, b) for a, b in zip(before[n], getattr(d, n).parameters())) for n in before}
@@ -58,7 +58,7 @@ def test_unify_conditions_student_and_fake_on_k(tiny_toy_dir):
     d, cond, uncond, _ = _distiller(tiny_toy_dir, student={"num_steps": 4, "step_set": [1, 2, 4]})
     assert d.grids == {1: [999], 2: [999, 500], 4: [999, 749, 500, 250]}
     assert d.student.step_embedding is not None and d.fake.step_embedding is not None
-    d.step(cond, uncond, 2, torch.Generator().manual_seed(0))
+    d.step([(cond, uncond)], 2, torch.Generator().manual_seed(0))
     grad_rows = d.student.step_embedding.embedding.weight.grad.abs().sum(1)
     assert grad_rows[1] > 0 and grad_rows[0] == 0 and grad_rows[2] == 0   # only K = 2's row learns
     ks = [d.sample_num_steps(torch.Generator().manual_seed(i)) for i in range(300)]
@@ -85,6 +85,22 @@ def test_grid_validation_names_the_problem(tiny_toy_dir):
 def test_fake_score_fits_the_student_on_a_fixed_batch(tiny_toy_dir):
     """Repeated iterations on one batch and noise: the fake-score loss goes down."""
     d, cond, uncond, _ = _distiller(tiny_toy_dir, student={"num_steps": 1}, optim={"lr_student": 1e-5, "lr_fake": 1e-3})
-    first = d.step(cond, uncond, 1, torch.Generator().manual_seed(0))["loss_fake"]
-    last = [d.step(cond, uncond, 1, torch.Generator().manual_seed(0))["loss_fake"] for _ in range(15)][-1]
+    first = d.step([(cond, uncond)], 1, torch.Generator().manual_seed(0))["loss_fake"]
+    last = [d.step([(cond, uncond)], 1, torch.Generator().manual_seed(0))["loss_fake"] for _ in range(15)][-1]
     assert last < first
+
+
+def test_gradient_accumulation_steps_each_network_once(tiny_toy_dir):
+    d, cond, uncond, st = _distiller(tiny_toy_dir)
+    counters = {name: CallCounter(getattr(d, name)) for name in ("teacher", "student", "fake")}
+    m = d.step([(cond, uncond), (cond, uncond)], 4, torch.Generator().manual_seed(0))
+    assert st.sched_student.last_epoch == 1 and st.sched_fake.last_epoch == 1
+    assert counters["student"].calls == 2 * (4 + 1) and counters["teacher"].calls == 2
+    assert torch.isfinite(torch.tensor(m["loss_student"]))
+
+
+def test_mixed_precision_requires_a_gpu():
+    from tdm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config({"train": {"mixed_precision": "bf16"}})

@@ -17,9 +17,10 @@ from .data import CAPTIONS, load_digits_tensors, split_indices
 PIPELINE_CLASS = "TDMToyDigitsPipeline"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 MAX_TOKENS = 8
-#: Pixel-space DDPM: the linear beta schedule of Ho et al. (also PixArt-alpha's), epsilon prediction.
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                        prediction_type="epsilon", clip_sample=False)
+#: Stable Diffusion 1.5's schedule (scaled-linear betas 0.00085..0.012, epsilon prediction), so the toy
+#: exercises the same noise levels as the main real teacher family.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                        beta_end=0.012, prediction_type="epsilon", clip_sample=False)
 
 
 def build_tokenizer():

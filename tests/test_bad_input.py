@@ -1,0 +1,57 @@
+"""Bad input to pipelines/distill.py: a one-line error naming the field, exit code 2, before any
+training, and nothing registered."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_distill(tmp_path, *args):
+    env = dict(os.environ, TDM_HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, str(ROOT / "pipelines" / "distill.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--student.bogus", "1"], "--student.bogus"),
+    (["--student.num_steps", "0"], "student.num_steps"),
+    (["--student.num_steps", "2000"], "larger than the schedule"),
+    (["--student.num_steps", "50"], "margin"),
+    (["--optim.lr_student", "-0.001"], "optim.lr_student"),
+    (["--data.prompts", "[]"], "data.prompts is empty"),
+    (["--teacher.uri", "/nonexistent/teacher"], "teacher.uri: path does not exist"),
+    (["--teacher.uri", "./relative/missing"], "teacher.uri: path does not exist"),
+    (["--teacher.uri", "models:/no-such-model@champion", "--data.prompts", "a"], "teacher.uri: registered model"),
+    (["--data.prompt_file", "/nonexistent/prompts.txt"], "data.prompt_file"),
+    (["--train.num_workers", "3", "--train.batch_size", "64"], "train.batch_size"),
+])
+def test_bad_input_fails_fast_with_one_line(tmp_path, args, field):
+    proc = run_distill(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and field in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    home = tmp_path / "home"
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())   # no training started
+    if (home / "mlflow.db").exists():                                            # nothing registered
+        import sqlite3
+
+        with sqlite3.connect(home / "mlflow.db") as db:
+            assert db.execute("select count(*) from registered_models").fetchone()[0] == 0
+
+
+def test_empty_prompt_file(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\n  \n")
+    proc = run_distill(tmp_path, "--data.prompt_file", str(f))
+    assert proc.returncode == 2 and "contains no prompts" in proc.stderr
+
+
+def test_teacher_directory_without_model_index(tmp_path):
+    proc = run_distill(tmp_path, "--teacher.uri", str(tmp_path), "--data.prompts", "a cat")
+    assert proc.returncode == 2 and "not a diffusers pipeline directory" in proc.stderr
