@@ -114,10 +114,10 @@ class LossConfig(Section):
 
 
 class OptimConfig(Section):
-    lr_student: float = Field(2e-5, gt=0, description="Student learning rate. Paper: 2e-6 (SD1.5, PixArt), "
-                              "1e-6 (SDXL); demo: lr/5. Toy default 2e-5.")
-    lr_fake: float = Field(1e-4, gt=0, description="Fake-score learning rate (paper: 5-10x the student's; "
-                           "2e-5 for SD1.5/PixArt). Toy default 1e-4.")
+    lr_student: float = Field(5e-5, gt=0, description="Student learning rate. Paper: 2e-6 (SD1.5, PixArt), "
+                              "1e-6 (SDXL); demo: lr/5. Toy default 5e-5.")
+    lr_fake: float = Field(2e-4, gt=0, description="Fake-score learning rate (paper: 5-10x the student's; "
+                           "2e-5 for SD1.5/PixArt). Toy default 2e-4.")
     betas: tuple[float, float] = Field((0.0, 0.999), description="AdamW betas (paper: 0, 0.999; demo: 0, 0.95).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (demo: 0.01).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -138,7 +138,7 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(400, ge=1, description="Distillation iterations (paper: 500 for PixArt).")
+    max_steps: int = Field(600, ge=1, description="Distillation iterations (paper: 500 for PixArt).")
     batch_size: int = Field(64, ge=1, description="Global batch of prompts per iteration: the same for any worker "
                             "count; split over workers x grad_accum_steps micro-batches.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per worker and iteration (gradient "
@@ -150,8 +150,8 @@ class TrainConfig(Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: Optional[float] = Field(None, gt=0, description="CPUs per worker (default: all of a local "
                                              "machine's CPUs divided among the workers, else 1).")
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of the student (e.g. 0.999); "
-                                       "evaluation and export use the EMA weights. none = off (demo default).")
+    ema_decay: Optional[float] = Field(0.99, gt=0, lt=1, description="EMA decay of the student; evaluation and "
+                                       "export use the EMA weights. none = off (the demo's default).")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
     storage_path: str = Field(str(_default_home() / "runs"), description="Checkpoint storage: a local directory or "
@@ -334,11 +334,14 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TDMConfig:
-    """Merge --config FILE and --section.field flags into a validated TDMConfig."""
+def config_from_args(args: argparse.Namespace, base: dict | None = None) -> TDMConfig:
+    """Merge `base` (e.g. a checkpoint's config), then --config FILE, then --section.field flags into a
+    validated TDMConfig."""
+    import copy
+
     import yaml
 
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
     if getattr(args, "config", None):
         path = Path(args.config)
         if not path.is_file():
@@ -346,7 +349,11 @@ def config_from_args(args: argparse.Namespace) -> TDMConfig:
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config: {path} must contain a mapping of config sections")
-        data = loaded
+        for section, values in loaded.items():
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                data[section].update(values)
+            else:
+                data[section] = values
     fields = dict(_leaf_fields(TDMConfig))
     for key, raw in vars(args).items():
         if key not in fields:

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, TDMConfig, _default_home
 
+META_FILE = "meta.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -88,6 +89,35 @@ def check_grids(cfg: TDMConfig, teacher_dir: str | None) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_storage(storage: str) -> str:
+    """Resolve train.storage_path and prove it is writable, within seconds (no Ray hang on a bad endpoint)."""
+    if storage.startswith("s3://"):
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = storage.removeprefix("s3://").partition("/")
+        key = f"{prefix.rstrip('/')}/.tdm-write-check" if prefix else ".tdm-write-check"
+        client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=b"ok")
+            client.delete_object(Bucket=bucket, Key=key)
+        except Exception as e:  # botocore raises many types: endpoint, credentials, bucket, permission
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"train.storage_path: cannot write to {storage}: {msg}") from None
+        return storage
+    if "://" in storage:
+        raise ConfigError(f"train.storage_path: only local paths and s3:// are supported, got {storage}")
+    path = Path(storage).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".tdm-write-check-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.storage_path: cannot write to {path}: {e.strerror or e}") from None
+    return str(path)
+
+
 # ---------------------------------------------------------------- Ray
 
 def init_ray(cfg: TDMConfig) -> bool:
@@ -149,9 +179,15 @@ def _train_and_register_toy(cfg_json: str, tracking_uri: str) -> str:
         write_spec(tmp, spec, backbone.family)
         info = log_pipeline_model(tmp, spec)
         mv = register(info.model_uri, t.model_name, {"tdm_version": __version__, "kind": "teacher",
+                                                     "toy_config": toy_config_key(cfg),
                                                      "holdout_fraction": t.holdout_fraction, "seed": t.seed,
                                                      "run_id": run.info.run_id}, alias="champion")
     return f"models:/{t.model_name}/{mv.version}"
+
+
+def toy_config_key(cfg: TDMConfig) -> str:
+    """Identity of a toy teacher's training settings (toy.* except the registry name and retrain)."""
+    return cfg.toy.model_dump_json(exclude={"model_name", "retrain"})
 
 
 def ensure_toy_teacher(cfg: TDMConfig, tracking_uri: str, num_cpus: float) -> str:
@@ -164,8 +200,10 @@ def ensure_toy_teacher(cfg: TDMConfig, tracking_uri: str, num_cpus: float) -> st
     if not cfg.toy.retrain:
         try:
             mv = resolve_model_version(f"models:/{cfg.toy.model_name}@champion")
-            log(f"toy teacher: reusing {cfg.toy.model_name} version {mv.version}")
-            return f"models:/{cfg.toy.model_name}/{mv.version}"
+            if mv.tags.get("toy_config") == toy_config_key(cfg):
+                log(f"toy teacher: reusing {cfg.toy.model_name} version {mv.version}")
+                return f"models:/{cfg.toy.model_name}/{mv.version}"
+            log(f"toy teacher: {cfg.toy.model_name}@champion was trained with other toy.* settings")
         except MlflowException:
             pass
     log(f"toy teacher: training {cfg.toy.model_name} ({cfg.toy.train_steps} steps; once, then reused)")
@@ -246,7 +284,8 @@ def distill(cfg: TDMConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from .train import train_loop_per_worker
-    from .tracking import find_run, get_or_create_experiment, register, resolve_teacher_dir, use_tracking_uri
+    from .tracking import (code_version, find_run, get_or_create_experiment, register, resolve_teacher_dir,
+                           use_tracking_uri)
 
     # 1. everything that can be checked without Ray or the teacher's weights
     if cfg.name is None:
@@ -255,15 +294,7 @@ def distill(cfg: TDMConfig) -> dict:
     prompts = load_prompts(cfg, is_toy)
     tracking_uri = use_tracking_uri()
     check_teacher_source(cfg.teacher.uri)
-    storage = cfg.train.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-        try:
-            Path(storage).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"train.storage_path: cannot create {storage}: {e.strerror}") from None
-        if not os.access(storage, os.W_OK):
-            raise ConfigError(f"train.storage_path: no write permission on {storage}")
+    storage = check_storage(cfg.train.storage_path)
     check_grids(cfg, None if is_toy else resolve_teacher_dir(cfg.teacher.uri, tracking_uri))
     log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
 
@@ -279,7 +310,8 @@ def distill(cfg: TDMConfig) -> dict:
     existing = find_run(exp_id, cfg.name)
     if existing is None:
         run = mlflow.MlflowClient().create_run(exp_id, run_name=cfg.name, tags={
-            "tdm.run_name": cfg.name, "tdm.version": __version__, "tdm.teacher": teacher_source})
+            "tdm.run_name": cfg.name, "tdm.version": __version__, "tdm.code_version": code_version(),
+            "tdm.teacher": teacher_source, "tdm.storage": f"{storage}/{cfg.name}"})
         run_id = run.info.run_id
         with mlflow.start_run(run_id=run_id):
             mlflow.log_params(cfg.to_flat_dict())
@@ -293,7 +325,8 @@ def distill(cfg: TDMConfig) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "teacher_source": teacher_source,
-                           "prompts": prompts, "tracking_uri": tracking_uri, "run_id": run_id},
+                           "prompts": prompts, "tracking_uri": tracking_uri, "run_id": run_id,
+                           "storage": storage},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})}),
         run_config=RunConfig(name=cfg.name, storage_path=storage,
@@ -304,22 +337,60 @@ def distill(cfg: TDMConfig) -> dict:
     log(f"training finished in {time.perf_counter() - t0:.0f}s; final checkpoint {result.checkpoint.path}")
 
     # 5. evaluate + export on a worker-sized task, then register and gate in the driver
-    task = ray.remote(num_cpus=cpus * cfg.train.num_workers, num_gpus=1 if cfg.train.use_gpu else 0)(
-        _evaluate_and_export)
-    out = ray.get(task.remote(cfg.model_dump_json(), result.checkpoint, teacher_source, tracking_uri, run_id))
+    return evaluate_and_register(cfg, result.checkpoint, teacher_source, tracking_uri, run_id,
+                                 num_cpus=cpus * cfg.train.num_workers)
+
+
+def evaluate_and_register(cfg: TDMConfig, checkpoint, teacher_source: str, tracking_uri: str, run_id: str,
+                          num_cpus: float) -> dict:
+    """Export and evaluate a checkpoint (a Ray task sized like the training job), register it as a
+    version of cfg.registry.model_name linked to `run_id`, and move the alias only if the gate passes."""
+    import ray
+
+    from .tracking import register
+
+    task = ray.remote(num_cpus=num_cpus, num_gpus=1 if cfg.train.use_gpu else 0)(_evaluate_and_export)
+    out = ray.get(task.remote(cfg.model_dump_json(), checkpoint, teacher_source, tracking_uri, run_id))
     spec = out["spec"]
     tags = {"teacher": teacher_source, "num_steps": spec["num_steps"], "step_values": spec["step_values"],
             "timesteps": json.dumps(spec["timesteps"]), "guidance_scale": spec["guidance_scale"],
             "prediction_type": spec["prediction_type"], "tdm_version": __version__, "run_name": cfg.name,
-            "run_id": run_id, "step": out["step"], "checkpoint": result.checkpoint.path}
+            "run_id": run_id, "step": out["step"], "checkpoint": checkpoint.path}
     passed = out.get("passed", False)
     tags |= {k.replace("/", "."): round(v, 4) for k, v in out.get("gate", {}).items()}
     tags["gate.passed"] = passed
     mv = register(out["model_uri"], cfg.registry.model_name, tags, alias=cfg.registry.alias if passed else None)
-    log(f"registered {cfg.registry.model_name} version {mv.version}; gate "
+    log(f"registered {cfg.registry.model_name} version {mv.version} (step {out['step']}); gate "
         f"{'PASSED -> alias ' + cfg.registry.alias if passed else 'not passed (no alias)'}")
     return {"run_name": cfg.name, "run_id": run_id, "model_version": mv.version, "passed": passed,
-            "rows": out.get("rows", {}), "gate": out.get("gate", {})}
+            "rows": out.get("rows", {}), "gate": out.get("gate", {}), "step": out["step"]}
+
+
+def register_checkpoint(uri: str, configure=None) -> dict:
+    """Evaluate and register any checkpoint (local path or s3://...) of an earlier run, into that run."""
+    import pyarrow.fs
+
+    from ray.train import Checkpoint
+
+    from .tracking import find_run, get_or_create_experiment, use_tracking_uri
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).expanduser().resolve()))
+        with fs.open_input_stream(f"{path}/{META_FILE}") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--checkpoint: {uri} is not a readable tdm checkpoint ({e})") from None
+    from .config import load_config
+
+    # configure(base_dict) -> TDMConfig lets the command line override the run's own config
+    cfg = configure(meta["config"]) if configure is not None else load_config(meta["config"])
+    tracking_uri = use_tracking_uri()
+    run = find_run(get_or_create_experiment(cfg.registry.experiment), cfg.name)
+    if run is None:
+        raise ConfigError(f"--checkpoint: no MLflow run named {cfg.name!r} in experiment {cfg.registry.experiment!r}")
+    local = init_ray(cfg)
+    return evaluate_and_register(cfg, Checkpoint(path, filesystem=fs), meta["teacher_source"], tracking_uri,
+                                 run.info.run_id, num_cpus=worker_cpus(cfg, local) * cfg.train.num_workers)
 
 
 def _check_resume_config(run, cfg: TDMConfig) -> None:

@@ -77,8 +77,7 @@ def resolve_teacher_dir(source: str, tracking_uri: str | None = None) -> str:
         mlflow.set_tracking_uri(tracking_uri)
     mv = resolve_model_version(source)
     target = model_cache_dir() / f"{mv.name}--{mv.version}"
-    pipeline = target / "artifacts" / PIPELINE_ARTIFACT
-    if not (pipeline / "model_index.json").is_file():
+    if not (target / "MLmodel").is_file():
         model_cache_dir().mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=model_cache_dir(), prefix=".download-"))
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
@@ -88,7 +87,16 @@ def resolve_teacher_dir(source: str, tracking_uri: str | None = None) -> str:
         except OSError:  # another worker on this node finished first
             pass
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(pipeline)
+    return str(pipeline_dir(target))
+
+
+def pipeline_dir(model_dir: str | Path) -> Path:
+    """The pipeline directory inside a downloaded tdm pyfunc model (its artifact named 'pipeline')."""
+    import yaml
+
+    mlmodel = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())
+    rel = mlmodel["flavors"]["python_function"]["artifacts"][PIPELINE_ARTIFACT]["path"]
+    return Path(model_dir) / rel
 
 
 def resolve_model_version(uri: str):
@@ -117,6 +125,15 @@ class RankZeroLogger:
         self.buffer = []
         self.backbone, self.student, self.spec = backbone, student, spec
         self.sample_prompts = prompts[:10]
+
+    def log_checkpoint(self, step: int, uri: str, metrics: dict) -> None:
+        """Make a checkpoint browsable in its run: checkpoints/step_<n>.json (step, storage URI, metrics)
+        and the tag tdm.last_checkpoint. `pipelines/register.py --checkpoint URI` evaluates and registers it."""
+        record = {"step": step, "uri": uri, "metrics": {k: float(v) for k, v in metrics.items()},
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.client.log_dict(self.run_id, record, f"checkpoints/step_{step:07d}.json")
+        self.client.set_tag(self.run_id, "tdm.last_checkpoint", uri)
+        self.client.log_metric(self.run_id, "checkpoint/step", step, step=step)
 
     def log_step(self, step: int, metrics: dict) -> None:
         from mlflow.entities import Metric
@@ -147,6 +164,28 @@ class RankZeroLogger:
 
 
 # ---------------------------------------------------------------- the model contract
+
+def code_version() -> str:
+    """tdm version plus the git commit of the source tree when it is a checkout (else 'unknown')."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha or 'unknown'}"
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, node_id: str, resume: bool):
+    """MLflow system metrics (CPU, memory, GPU with nvidia-ml-py) of this node into the run; returns the monitor."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resume, node_id=node_id,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
 
 def pyfunc_signature(spec: dict):
     """predict(DataFrame{prompt}, params{num_inference_steps, guidance_scale, seed}) -> list of PNG bytes."""

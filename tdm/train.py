@@ -161,6 +161,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     spec = student_spec(cfg, distiller.grids, backbone.schedule, loop_config["teacher_source"])
     logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg, backbone, state.student, spec,
                             prompts) if rank == 0 else None
+    if logger is not None and start > 0:
+        logger.client.log_metric(loop_config["run_id"], "train/resumed_from", start, step=start)
+    monitor = None
+    if ctx.get_local_rank() == 0:  # one system-metrics sampler per node
+        import socket
+
+        from .tracking import start_system_metrics
+        monitor = start_system_metrics(loop_config["run_id"], loop_config["tracking_uri"],
+                                       f"{socket.gethostname()}", resume=start > 0)
     accum = cfg.train.grad_accum_steps
     micro = cfg.train.batch_size // (world * accum)
     nfe_per_sample = {k: k + 5 for k in distiller.step_values}  # rollout K + fake fwd + student fwd + 2 teacher + fake
@@ -195,12 +204,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     torch.save(state.state_dict(done, cfg, {"teacher_source": loop_config["teacher_source"],
                                                             "spec": spec}), Path(tmp) / STATE_FILE)
-                    (Path(tmp) / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+                    # small, human-readable description next to the state (read without loading weights)
+                    (Path(tmp) / "meta.json").write_text(json.dumps({
+                        "step": done, "teacher_source": loop_config["teacher_source"], "run_id": loop_config["run_id"],
+                        "config": cfg.model_dump(mode="json"), "spec": spec, "metrics": report}, indent=2))
                     ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
                                      checkpoint_dir_name=f"checkpoint_{done:07d}")
                 logger.flush()
+                logger.log_checkpoint(done, f"{loop_config['storage']}/{cfg.name}/checkpoint_{done:07d}", metrics)
             else:
                 ray.train.report(report, checkpoint=None, checkpoint_dir_name=f"checkpoint_{done:07d}")
     if logger is not None:
         logger.flush()
         bar.close()
+    if monitor is not None:
+        monitor.finish()

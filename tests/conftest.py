@@ -81,13 +81,31 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tdm_home):
-    """One local Ray cluster for every test that needs one (4 logical CPUs on a 2-core machine)."""
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on localhost, with bucket 'tdm-test'."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="tdm-test")
+    yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tdm_home, s3_server):
+    """One local Ray cluster for every test that needs one (4 logical CPUs on a 2-core machine). Workers
+    see the session's TDM_HOME and the S3 endpoint."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TDM_HOME": str(tdm_home), "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
-                                       "HF_HUB_OFFLINE": "1"}})
+    env = {"TDM_HOME": str(tdm_home), "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"], "HF_HUB_OFFLINE": "1",
+           **s3_server}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

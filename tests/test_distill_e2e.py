@@ -56,8 +56,12 @@ def test_run_tracking(first_run):
         assert f"eval/{row}/fid" in run.data.metrics and f"eval/{row}/adherence" in run.data.metrics
     files = {f.path for f in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/table.json", "eval/student@4.png", "eval/teacher@5.png"} <= files
-    table = mlflow.load_table("eval/table.json", run_ids=[run.info.run_id])
-    assert set(table["name"]) == {"teacher@5", "teacher_ddim@4", "student@1", "student@2", "student@4"}
+    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/table.json")
+    names = {row[table["columns"].index("name")] for row in table["data"]}
+    assert names == {"teacher@5", "teacher_ddim@4", "student@1", "student@2", "student@4"}
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")} == {
+        "checkpoints/step_0000003.json", "checkpoints/step_0000006.json"}
+    assert run.data.tags["tdm.code_version"].startswith("0.")
     assert any(f.path.startswith("images") for f in client.list_artifacts(run.info.run_id))
 
 

@@ -1,0 +1,174 @@
+"""Fault tolerance on a local Ray cluster with 2 CPU workers: a SIGKILLed worker, a stopped driver,
+S3 checkpoints on a real S3-compatible server, and fast failures for storage and placement problems."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_EVAL = {"enabled": False}
+FT_TRAIN = {"max_steps": 24, "checkpoint_every": 4, "sample_every": 100, "log_every": 1}
+
+
+def ft_config(name, **train):
+    return tiny_config(name=name, train=FT_TRAIN | train, eval=NO_EVAL)
+
+
+def loss_curve(run_id, key="train/loss_student"):
+    """step -> last logged value (a resumed run logs the steps after its last checkpoint again)."""
+    history = sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}
+
+
+def wait_for(predicate, timeout, interval=0.5):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster):
+    """The uninterrupted run every interrupted one is compared with."""
+    from tdm.run import distill
+
+    return distill(ft_config("ft-reference"))
+
+
+def test_sigkilled_worker_resumes_from_last_checkpoint(ray_cluster, reference, tdm_home):
+    from ray.util.state import list_actors
+
+    from tdm.run import distill
+    from tdm.tracking import find_run, get_or_create_experiment
+
+    killed = {}
+
+    def killer():
+        exp = get_or_create_experiment("tdm")
+        def progressed():
+            run = find_run(exp, "ft-killed")
+            return run is not None and run.data.metrics.get("checkpoint/step", 0) >= 8
+        if wait_for(progressed, 300):
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            pid = max(w.pid for w in workers)
+            killed["pid"] = pid
+            killed["at"] = find_run(exp, "ft-killed").data.metrics["checkpoint/step"]
+            os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out = distill(ft_config("ft-killed"))
+    thread.join(timeout=5)
+    assert "pid" in killed, "the worker was never killed"
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tdm").experiment_id],
+                              filter_string="tags.`tdm.run_name` = 'ft-killed'")
+    assert len(runs) == 1                                                     # one MLflow run
+    resumed = client.get_metric_history(out["run_id"], "train/resumed_from")
+    assert resumed and 4 <= resumed[-1].value <= killed["at"] + 4             # from a checkpoint, not step 0
+    assert out["step"] == 24                                                  # exactly the requested step
+    curve, ref = loss_curve(out["run_id"]), loss_curve(reference["run_id"])
+    assert sorted(curve) == list(range(1, 25))
+    # deterministic mode: counter-based RNG + full state -> the resumed curve equals the uninterrupted one
+    assert max(abs(curve[s] - ref[s]) for s in ref) <= 1e-5
+
+
+def test_driver_stopped_and_rerun_continues(ray_cluster, reference, tmp_path):
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    cfg = ft_config("ft-driver").model_dump(mode="json")
+    cfg["train"]["ray_address"] = address
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg))
+    cmd = [sys.executable, str(ROOT / "pipelines" / "distill.py"), "--config", str(cfg_file)]
+    storage = Path(cfg["train"]["storage_path"]) / "ft-driver"
+    first = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        assert wait_for(lambda: any(storage.glob("checkpoint_00000[0-9][0-9]")) and
+                        max(int(p.name[-7:]) for p in storage.glob("checkpoint_*")) >= 8, 300)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    stopped_at = max(int(p.name[-7:]) for p in storage.glob("checkpoint_*"))
+    assert stopped_at < 24
+    second = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tdm").experiment_id],
+                              filter_string="tags.`tdm.run_name` = 'ft-driver'")
+    assert len(runs) == 1
+    resumed = client.get_metric_history(runs[0].info.run_id, "train/resumed_from")
+    assert resumed and resumed[-1].value >= 8
+    curve = loss_curve(runs[0].info.run_id)
+    assert max(curve) == 24
+    ref = loss_curve(reference["run_id"])
+    assert max(abs(curve[s] - ref[s]) for s in ref) <= 1e-5
+
+
+def test_s3_checkpoints_on_a_real_s3_server(ray_cluster, s3_server):
+    import boto3
+
+    from tdm.run import distill, register_checkpoint
+
+    out = distill(ft_config("ft-s3", max_steps=8, storage_path="s3://tdm-test/runs"))
+    assert out["step"] == 8
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="tdm-test", Prefix="runs/ft-s3/")["Contents"]]
+    assert any(k.endswith("checkpoint_0000008/state.pt") for k in keys)
+    # resume from S3: a longer run with the same name continues from step 8
+    out = distill(ft_config("ft-s3", max_steps=12, storage_path="s3://tdm-test/runs"))
+    assert out["step"] == 12
+    resumed = MlflowClient().get_metric_history(out["run_id"], "train/resumed_from")
+    assert [m.value for m in resumed] == [8.0]
+    # and any checkpoint can be registered from its URI
+    reg = register_checkpoint("s3://tdm-test/runs/ft-s3/checkpoint_0000008")
+    assert reg["step"] == 8
+
+
+def test_unreachable_s3_endpoint_fails_fast(tmp_path):
+    env = dict(os.environ, AWS_ENDPOINT_URL="http://127.0.0.1:9", TDM_HOME=str(tmp_path))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "distill.py"),
+                           "--train.storage_path", "s3://tdm-test/runs"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and time.time() - t0 < 60
+    assert "train.storage_path: cannot write to s3://tdm-test/runs" in proc.stderr
+
+
+def test_storage_without_write_permission_fails_fast(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(home, 0o777)
+    os.chmod(locked, 0o555)
+    env = dict(os.environ, TDM_HOME=str(home))
+    as_nobody = (lambda: (os.setgid(65534), os.setuid(65534))) if os.geteuid() == 0 else None
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "distill.py"), "--train.storage_path",
+                           str(locked / "runs")], env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=as_nobody)
+    assert proc.returncode == 2, proc.stderr
+    assert f"train.storage_path: cannot write to {locked / 'runs'}" in proc.stderr
+
+
+def test_unplaceable_worker_group_fails_fast(ray_cluster):
+    from tdm.config import ConfigError
+    from tdm.run import distill
+
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="train.num_workers=16 needs 16 CPUs"):
+        distill(tiny_config(name="ft-too-big", train={"num_workers": 16, "batch_size": 16, "cpus_per_worker": 1}))
+    assert time.time() - t0 < 60
