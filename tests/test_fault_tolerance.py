@@ -38,6 +38,27 @@ def wait_for(predicate, timeout, interval=0.5):
     return False
 
 
+def committed_steps(storage: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has committed to its run snapshot (what a resume sees)."""
+    try:
+        snap = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [int(c["checkpoint_dir_name"][-7:]) for c in snap["checkpoint_results"]]
+
+
+def train_worker_pids():
+    """PIDs of the live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(p.info["pid"])
+    return pids
+
+
 @pytest.fixture(scope="module")
 def reference(ray_cluster):
     """The uninterrupted run every interrupted one is compared with."""
@@ -47,8 +68,6 @@ def reference(ray_cluster):
 
 
 def test_sigkilled_worker_resumes_from_last_checkpoint(ray_cluster, reference, tdm_home):
-    from ray.util.state import list_actors
-
     from tdm.run import distill
     from tdm.tracking import find_run, get_or_create_experiment
 
@@ -60,8 +79,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(ray_cluster, reference, t
             run = find_run(exp, "ft-killed")
             return run is not None and run.data.metrics.get("checkpoint/step", 0) >= 8
         if wait_for(progressed, 300):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            pid = max(w.pid for w in workers)
+            pid = max(train_worker_pids())
             killed["pid"] = pid
             killed["at"] = find_run(exp, "ft-killed").data.metrics["checkpoint/step"]
             os.kill(pid, signal.SIGKILL)
@@ -96,13 +114,12 @@ def test_driver_stopped_and_rerun_continues(ray_cluster, reference, tmp_path):
     storage = Path(cfg["train"]["storage_path"]) / "ft-driver"
     first = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    try:
-        assert wait_for(lambda: any(storage.glob("checkpoint_00000[0-9][0-9]")) and
-                        max(int(p.name[-7:]) for p in storage.glob("checkpoint_*")) >= 8, 300)
+    try:  # stop the driver once Ray Train has committed a checkpoint at step >= 8
+        assert wait_for(lambda: max(committed_steps(storage), default=0) >= 8, 300)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    stopped_at = max(int(p.name[-7:]) for p in storage.glob("checkpoint_*"))
+    stopped_at = max(committed_steps(storage))
     assert stopped_at < 24
     second = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -111,7 +128,7 @@ def test_driver_stopped_and_rerun_continues(ray_cluster, reference, tmp_path):
                               filter_string="tags.`tdm.run_name` = 'ft-driver'")
     assert len(runs) == 1
     resumed = client.get_metric_history(runs[0].info.run_id, "train/resumed_from")
-    assert resumed and resumed[-1].value >= 8
+    assert resumed and resumed[-1].value >= stopped_at    # never from step 0
     curve = loss_curve(runs[0].info.run_id)
     assert max(curve) == 24
     ref = loss_curve(reference["run_id"])
@@ -147,21 +164,30 @@ def test_unreachable_s3_endpoint_fails_fast(tmp_path):
     assert "train.storage_path: cannot write to s3://tdm-test/runs" in proc.stderr
 
 
-def test_storage_without_write_permission_fails_fast(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write to: chmod 555, or for root (which ignores modes) the
+    immutable attribute."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(home, 0o777)
-    os.chmod(locked, 0o555)
-    env = dict(os.environ, TDM_HOME=str(home))
-    as_nobody = (lambda: (os.setgid(65534), os.setuid(65534))) if os.geteuid() == 0 else None
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(locked)], check=True)
+    else:
+        os.chmod(locked, 0o555)
+    yield locked
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    else:
+        os.chmod(locked, 0o755)
+
+
+def test_storage_without_write_permission_fails_fast(tmp_path, read_only_dir):
+    env = dict(os.environ, TDM_HOME=str(tmp_path / "home"))
+    t0 = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "distill.py"), "--train.storage_path",
-                           str(locked / "runs")], env=env, capture_output=True, text=True, timeout=120,
-                          preexec_fn=as_nobody)
-    assert proc.returncode == 2, proc.stderr
-    assert f"train.storage_path: cannot write to {locked / 'runs'}" in proc.stderr
+                           str(read_only_dir / "runs")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.time() - t0 < 60, proc.stderr
+    assert f"train.storage_path: cannot write to {read_only_dir / 'runs'}" in proc.stderr
 
 
 def test_unplaceable_worker_group_fails_fast(ray_cluster):
