@@ -127,6 +127,8 @@ class OptimConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="LR after warm-up for both networks: "
                                                        "'constant' (demo's fake score) or 'cosine' decay to 0 at "
                                                        "train.max_steps (settles the final iterate).")
+    step_embedding_lr_scale: float = Field(1.0, gt=0, description="TDM-unify: LR multiplier of the zero-initialised "
+                                           "step-count embeddings of student and fake score (not in the paper).")
     fake_updates_per_step: int = Field(1, ge=1, description="Fake-score updates per student update (paper: 1; "
                                        "DMD2: 5-10).")
 
@@ -154,8 +156,8 @@ class TrainConfig(Section):
                                        "export use the EMA weights. none = off (the demo's default).")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
-    storage_path: str = Field(str(_default_home() / "runs"), description="Checkpoint storage: a local directory or "
-                              "s3://bucket/prefix ($TDM_HOME/runs by default).")
+    storage_path: Optional[str] = Field(None, description="Checkpoint storage: a local directory or "
+                                        "s3://bucket/prefix; none = $TDM_HOME/runs.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
     log_every: int = Field(10, ge=1, description="Steps between metric flushes to MLflow.")
     sample_every: int = Field(100, ge=1, description="Steps between fixed-noise sample grids in MLflow.")

@@ -64,8 +64,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        for s, p in zip(self.shadow, (p for p in module.parameters() if p.requires_grad)):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+        params = [p.detach().float() for p in module.parameters() if p.requires_grad]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)  # one fused kernel per dtype/device
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

@@ -294,7 +294,7 @@ def distill(cfg: TDMConfig) -> dict:
     prompts = load_prompts(cfg, is_toy)
     tracking_uri = use_tracking_uri()
     check_teacher_source(cfg.teacher.uri)
-    storage = check_storage(cfg.train.storage_path)
+    storage = check_storage(cfg.train.storage_path or str(_default_home() / "runs"))
     check_grids(cfg, None if is_toy else resolve_teacher_dir(cfg.teacher.uri, tracking_uri))
     log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
 

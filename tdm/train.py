@@ -29,8 +29,16 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, step, stream + 1]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def build_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+def build_optimizer(module: torch.nn.Module, lr: float, cfg) -> torch.optim.Optimizer:
+    """AdamW over a role's trainable parameters; a step embedding gets lr * step_embedding_lr_scale."""
+    step_emb = [p for n, p in module.named_parameters() if n.startswith("step_embedding.") and p.requires_grad]
+    rest = [p for n, p in module.named_parameters() if not n.startswith("step_embedding.") and p.requires_grad]
+    groups = [{"params": rest, "lr": lr}]
+    if step_emb:
+        groups.append({"params": step_emb, "lr": lr * cfg.step_embedding_lr_scale})
+    # foreach: multi-tensor kernels (torch only picks them by default on CUDA)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps,
+                             foreach=True)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -99,8 +107,8 @@ def build_roles(cfg: TDMConfig, backbone):
     student = backbone.trainable_copy(step_values)
     fake = backbone.trainable_copy(step_values)
     o = cfg.optim
-    opt_s = build_optimizer(student.parameters(), o.lr_student, o)
-    opt_f = build_optimizer(fake.parameters(), o.lr_fake, o)
+    opt_s = build_optimizer(student, o.lr_student, o)
+    opt_f = build_optimizer(fake, o.lr_fake, o)
     state = TrainState(student, fake, opt_s, opt_f, build_scheduler(opt_s, cfg), build_scheduler(opt_f, cfg),
                        EMA(student, cfg.train.ema_decay) if cfg.train.ema_decay else None)
     return teacher, state

@@ -111,7 +111,7 @@ def test_driver_stopped_and_rerun_continues(ray_cluster, reference, tmp_path):
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg))
     cmd = [sys.executable, str(ROOT / "pipelines" / "distill.py"), "--config", str(cfg_file)]
-    storage = Path(cfg["train"]["storage_path"]) / "ft-driver"
+    storage = Path(os.environ["TDM_HOME"]) / "runs" / "ft-driver"
     first = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:  # stop the driver once Ray Train has committed a checkpoint at step >= 8
