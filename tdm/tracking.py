@@ -65,29 +65,34 @@ def model_cache_dir() -> Path:
 
 
 def resolve_teacher_dir(source: str, tracking_uri: str | None = None) -> str:
-    """Local directory (or hub id) of a teacher source. A registered model (models:/name/version or
-    models:/name@alias) is downloaded once per version into $TDM_HOME/cache/models and reused."""
+    """Local directory (or hub id) of a teacher source; registered models are downloaded (cached)."""
     if not source.startswith("models:/"):
         return source
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    return str(download_model(resolve_model_version(source)))
+
+
+def download_model(mv) -> Path:
+    """The pipeline directory of a registered model version, downloaded once per version into
+    $TDM_HOME/cache/models and reused (safe when several processes on a node race)."""
     import tempfile
 
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    mv = resolve_model_version(source)
     target = model_cache_dir() / f"{mv.name}--{mv.version}"
     if not (target / "MLmodel").is_file():
         model_cache_dir().mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=model_cache_dir(), prefix=".download-"))
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        try:
+        try:  # atomic publish of a complete download; targets are never partial
             os.replace(local, target)
-        except OSError:  # another worker on this node finished first
+        except OSError:  # another process on this node published it first
             pass
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(pipeline_dir(target))
+    return pipeline_dir(target)
 
 
 def pipeline_dir(model_dir: str | Path) -> Path:

@@ -104,3 +104,18 @@ def test_mixed_precision_requires_a_gpu():
 
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config({"train": {"mixed_precision": "bf16"}})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_code_path(tiny_toy_dir, precision):
+    """The autocast / loss-scaling path (run on CPU here; the config only allows it with GPUs)."""
+    cfg = load_config({})
+    b = load_backbone(tiny_toy_dir)
+    teacher, st = build_roles(cfg, b)
+    d = TDMDistiller(cfg.student, cfg.loss, cfg.optim, b.schedule, b.latent_shape, teacher, st.student, st.fake,
+                     st.opt_student, st.opt_fake, st.sched_student, st.sched_fake, st.ema, precision, "cpu")
+    assert (d.scaler_student is not None) == (precision == "fp16")
+    cond, uncond = b.encode_prompts(["a handwritten digit 1"] * 2), b.encode_prompts([""] * 2)
+    m = d.step([(cond, uncond)], 4, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss_fake", "loss_student"))
+    assert all(p.dtype == torch.float32 for p in d.student.parameters())   # master weights stay fp32

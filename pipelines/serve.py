@@ -1,0 +1,65 @@
+"""Serve a registered tdm model over HTTP with Ray Serve (OpenAI Images API compatible).
+
+    python pipelines/serve.py                                        # models:/tdm-student@champion
+    python pipelines/serve.py --model-uri models:/tdm-student/3 --port 8000
+    curl -s localhost:8000/v1/images/generations -d '{"prompt": "a handwritten digit 7", "n": 2}'
+
+Starts a local Ray instance unless RAY_ADDRESS / --address names a cluster. `--print-config` prints
+the equivalent Serve config (for `serve deploy` or a RayService serveConfigV2) and exits.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    from pydantic import ValidationError
+
+    from tdm.serve import ServeConfig, serve_config
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, field in ServeConfig.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                       help=f"{field.description} [default: {field.default}]")
+    p.add_argument("--num-replicas", type=int, default=1, help="Generator replicas.")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per generator replica.")
+    p.add_argument("--max-queued-requests", type=int, default=64, help="Queue bound; beyond it requests get 503.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address.")
+    p.add_argument("--print-config", action="store_true")
+    args = vars(p.parse_args(argv))
+    host, port, address, print_only = (args.pop(k) for k in ("host", "port", "address", "print_config"))
+    if "upscale_factors" in args:
+        args["upscale_factors"] = [int(x) for x in str(args["upscale_factors"]).split(",")]
+    try:
+        ServeConfig.model_validate({k: v for k, v in args.items() if k in ServeConfig.model_fields})
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"serve.py: error: --{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}",
+              file=sys.stderr)
+        return 2
+    if print_only:
+        print(json.dumps(serve_config(args), indent=2))
+        return 0
+    import ray
+    from ray import serve
+
+    from tdm.serve import build_app
+
+    ray.init(address=address) if address else ray.init(include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name="tdm", route_prefix="/")
+    print(f"[tdm] serving on http://{host}:{port}/v1/images/generations (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

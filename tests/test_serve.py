@@ -1,0 +1,190 @@
+"""Ray Serve against a real local Ray cluster and MLflow store: OpenAI-style generation, batch
+invariance, errors, overload, and a hot swap of the champion under load."""
+import base64
+import concurrent.futures as cf
+import io
+import socket
+import threading
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from tdm.serve import ServeConfig, parse_request, supported_sizes
+
+MODEL = "tdm-serve-test"
+INFO = {"id": f"{MODEL}/1", "name": MODEL, "uri": f"models:/{MODEL}@champion", "default_steps": 4,
+        "supported_steps": [1, 2, 4], "native_size": [8, 8], "version": "1", "kind": "student"}
+
+
+def _student_version(tmp_path, seed, tiny_toy_dir):
+    """Register a tiny TDM-unify student pipeline as a new version of MODEL."""
+    import mlflow
+    import torch
+
+    from tdm.backbones import load_backbone
+    from tdm.pipeline import TDMPipeline
+    from tdm.tracking import log_pipeline_model, register, use_tracking_uri
+
+    use_tracking_uri()
+    b = load_backbone(tiny_toy_dir)
+    torch.manual_seed(seed)
+    student = b.trainable_copy([1, 2, 4])
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    spec = {"kind": "student", "num_steps": 4, "guidance_scale": 2.0, "t_start": 999, "step_conditioned": True,
+            "step_values": [1, 2, 4], "timesteps": {"1": [999], "2": [999, 500], "4": [999, 749, 500, 250]},
+            "prediction_type": "epsilon"}
+    out = tmp_path / f"student{seed}"
+    TDMPipeline(b, spec, denoiser=student).save_pretrained(out)
+    with mlflow.start_run(run_name=f"serve-fixture-{seed}"):
+        info = log_pipeline_model(out, spec)
+    return register(info.model_uri, MODEL, {"kind": "student"})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tdm_home, tiny_toy_dir, tmp_path_factory):
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from tdm.serve import build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    v1 = _student_version(tmp, 1, tiny_toy_dir)
+    v2 = _student_version(tmp, 2, tiny_toy_dir)
+    MlflowClient().set_registered_model_alias(MODEL, "champion", v1.version)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model_uri": f"models:/{MODEL}@champion", "poll_interval_s": 1, "max_batch_size": 4,
+                         "upscale_factors": [1, 4]}), name="tdm", route_prefix="/")
+    serve.run(build_app({"model_uri": f"models:/{MODEL}/{v1.version}", "poll_interval_s": 0, "max_batch_size": 1,
+                         "max_ongoing_requests": 1, "max_queued_requests": 1}), name="small",
+              route_prefix="/small")
+    url = f"http://127.0.0.1:{port}"
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    yield {"url": url, "v1": str(v1.version), "v2": str(v2.version)}
+    serve.shutdown()
+
+
+def gen(url, timeout=60, **body):
+    return requests.post(f"{url}/v1/images/generations", json=body, timeout=timeout)
+
+
+def decode(item):
+    img = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+    img.load()
+    return img
+
+
+def test_generation_and_sizes(server):
+    r = gen(server["url"], prompt="a handwritten digit 7", n=2, seed=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["data"]) == 2 and body["model"] == r.headers["x-tdm-model"] == f"{MODEL}/{server['v1']}"
+    assert [decode(d).size for d in body["data"]] == [(8, 8), (8, 8)]
+    big = gen(server["url"], prompt="a handwritten digit 7", n=1, size="32x32", seed=3, steps=2)
+    assert big.status_code == 200 and decode(big.json()["data"][0]).size == (32, 32)
+    models = requests.get(f"{server['url']}/v1/models", timeout=10).json()["data"]
+    assert models[0]["id"] == f"{MODEL}/{server['v1']}" and models[0]["steps"] == [1, 2, 4]
+    assert requests.get(f"{server['url']}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def test_batching_does_not_change_results(server):
+    alone = gen(server["url"], prompt="a handwritten digit 5", n=1, seed=11).json()["data"][0]["b64_json"]
+    others = [dict(prompt=f"a handwritten digit {d}", n=2, seed=100 + d) for d in range(6)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        futs = [pool.submit(gen, server["url"], **b) for b in others]
+        target = pool.submit(gen, server["url"], prompt="a handwritten digit 5", n=1, seed=11)
+        [f.result() for f in futs]
+        batched = target.result().json()["data"][0]["b64_json"]
+    assert batched == alone
+    two = gen(server["url"], prompt="a handwritten digit 5", n=2, seed=10).json()["data"][1]["b64_json"]
+    assert two == alone   # image i of a request is seeded seed + i
+
+
+@pytest.mark.parametrize("body,param,status", [
+    ({"n": 1}, "prompt", 400),
+    ({"prompt": "   "}, "prompt", 400),
+    ({"prompt": "x" * 1001}, "prompt", 400),
+    ({"prompt": "a", "n": 0}, "n", 400),
+    ({"prompt": "a", "n": 99}, "n", 400),
+    ({"prompt": "a", "n": "2"}, "n", 400),
+    ({"prompt": 7}, "prompt", 400),
+    ({"prompt": "a", "steps": 3}, "steps", 400),
+    ({"prompt": "a", "size": "1024x1024"}, "size", 400),
+    ({"prompt": "a", "response_format": "url"}, "response_format", 400),
+    ({"prompt": "a", "quality": "hd"}, "quality", 400),
+    ({"prompt": "a", "model": "dall-e-3"}, "model", 404),
+    ({"prompt": "a", "seed": -1}, "seed", 400),
+])
+def test_bad_requests_get_openai_errors(server, body, param, status):
+    r = gen(server["url"], **body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"] and err["type"]
+
+
+def test_malformed_json(server):
+    r = requests.post(f"{server['url']}/v1/images/generations", data=b"{not json", timeout=10)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_overload_gets_503_quickly_and_stays_healthy(server):
+    url = server["url"] + "/small"
+
+    def one(i):
+        t0 = time.time()
+        r = gen(url, prompt="a handwritten digit 1", n=4 if i % 2 else 1, seed=i)
+        return r.status_code, time.time() - t0
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(48)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0
+    assert max(t for c, t in results if c == 503) < 5
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+
+
+def test_alias_move_under_load_has_zero_failures(server):
+    from mlflow import MlflowClient
+
+    stop, results = threading.Event(), []
+
+    def client(i):
+        while not stop.is_set():
+            r = gen(server["url"], prompt="a handwritten digit 2", n=1, seed=i)
+            results.append((r.status_code, r.headers.get("x-tdm-model"), time.time()))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    moved_at = time.time()
+    MlflowClient().set_registered_model_alias(MODEL, "champion", server["v2"])
+    new = f"{MODEL}/{server['v2']}"
+    deadline = moved_at + 60
+    while time.time() < deadline and not any(m == new for _, m, _ in results):
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    first_new = min(ts for _, m, ts in results if m == new)
+    assert first_new - moved_at < 60
+    assert all(code == 200 for code, _, _ in results), {c for c, _, _ in results}
+    assert [m for _, m, ts in results if ts > first_new + 1].count(f"{MODEL}/{server['v1']}") == 0
+
+
+def test_parse_request_unit():
+    cfg = ServeConfig(upscale_factors=[1, 32])
+    assert supported_sizes(INFO, cfg) == ["8x8", "256x256"]
+    job = parse_request(b'{"prompt": " a ", "n": 2, "size": "256x256", "seed": 5}', INFO, cfg)
+    assert job == {"prompt": "a", "n": 2, "steps": 4, "seed": 5, "scale": 32}
