@@ -127,8 +127,9 @@ class OptimConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="LR after warm-up for both networks: "
                                                        "'constant' (demo's fake score) or 'cosine' decay to 0 at "
                                                        "train.max_steps (settles the final iterate).")
-    step_embedding_lr_scale: float = Field(1.0, gt=0, description="TDM-unify: LR multiplier of the zero-initialised "
-                                           "step-count embeddings of student and fake score (not in the paper).")
+    step_embedding_lr_scale: float = Field(20.0, gt=0, description="TDM-unify: LR multiplier of the zero-initialised "
+                                           "step-count embeddings of student and fake score (not in the paper; "
+                                           "toy: 20 gave @4 FID 9.2 vs 11.1 at 1).")
     fake_updates_per_step: int = Field(1, ge=1, description="Fake-score updates per student update (paper: 1; "
                                        "DMD2: 5-10).")
 

@@ -1,0 +1,97 @@
+"""Serving benchmark on the toy student (a registered tdm model).
+
+1. Throughput (images/s) with batching (max_batch_size=16) vs without (max_batch_size=1) at
+   concurrency 1, 4 and 16: closed-loop HTTP clients, each sending n=1 requests back to back.
+2. Latency at batch 1: median end-to-end HTTP latency (unbatched deployment, one client) vs the bare
+   sampler called in-process on the same model (sampling + PNG encoding), same machine, same run.
+
+    python bench/bench_serve.py [--model-uri models:/tdm-student@champion] [--seconds 15]
+
+Uses the local tdm MLflow store ($TDM_HOME); run `python pipelines/distill.py` first.
+"""
+import argparse
+import concurrent.futures as cf
+import os
+import statistics
+import time
+
+import requests
+
+
+def closed_loop(url: str, concurrency: int, seconds: float) -> float:
+    """Images per second with `concurrency` clients for `seconds`."""
+    stop = time.time() + seconds
+    done = [0] * concurrency
+
+    def client(i):
+        seed = i * 100_000
+        while time.time() < stop:
+            r = requests.post(url, json={"prompt": f"a handwritten digit {seed % 10}", "n": 1, "seed": seed},
+                              timeout=120)
+            r.raise_for_status()
+            done[i] += 1
+            seed += 1
+
+    t0 = time.time()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, range(concurrency)))
+    return sum(done) / (time.time() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-uri", default="models:/tdm-student@champion")
+    p.add_argument("--seconds", type=float, default=15)
+    p.add_argument("--latency-reps", type=int, default=200)
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from tdm.pipeline import to_png_bytes
+    from tdm.serve import _load, build_app
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+    base = "http://127.0.0.1:8765"
+    common = {"model_uri": args.model_uri, "poll_interval_s": 0, "max_images_per_request": 1}
+    serve.run(build_app({**common, "max_batch_size": 16, "batch_wait_timeout_s": 0.01}), name="batched",
+              route_prefix="/batched")
+    serve.run(build_app({**common, "max_batch_size": 1, "batch_wait_timeout_s": 0.0}), name="unbatched",
+              route_prefix="/unbatched")
+    for name in ("batched", "unbatched"):
+        closed_loop(f"{base}/{name}/v1/images/generations", 4, 2)  # warm-up
+    print(f"model {args.model_uri}; {os.cpu_count()} CPU cores; {args.seconds:.0f} s per point\n")
+    print(f"{'concurrency':>11}{'batched img/s':>15}{'unbatched img/s':>17}{'ratio':>8}")
+    for c in (1, 4, 16):
+        b = closed_loop(f"{base}/batched/v1/images/generations", c, args.seconds)
+        u = closed_loop(f"{base}/unbatched/v1/images/generations", c, args.seconds)
+        print(f"{c:>11}{b:>15.1f}{u:>17.1f}{b / u:>8.2f}x")
+
+    pipe, _ = _load(args.model_uri, None)
+
+    def bare(i):
+        t0 = time.perf_counter()
+        to_png_bytes(pipe([f"a handwritten digit {i % 10}"], seeds=[i]))
+        return time.perf_counter() - t0
+
+    def http(i):
+        t0 = time.perf_counter()
+        requests.post(f"{base}/unbatched/v1/images/generations",
+                      json={"prompt": f"a handwritten digit {i % 10}", "n": 1, "seed": i}, timeout=60).raise_for_status()
+        return time.perf_counter() - t0
+
+    # interleave the two so machine noise hits both alike
+    b_times, h_times = [], []
+    for i in range(args.latency_reps):
+        b_times.append(bare(i))
+        h_times.append(http(i))
+    b, h = statistics.median(b_times), statistics.median(h_times)
+    print(f"\nlatency at batch 1: bare sampler {b * 1000:.1f} ms, served over HTTP {h * 1000:.1f} ms, "
+          f"ratio {h / b:.2f}x")
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
