@@ -12,24 +12,22 @@ Every option is a config field (`--section.field value`); `--config FILE.yaml` s
 """
 import sys
 
-from tdm.config import ConfigError, build_arg_parser, config_from_args
+from tdm.config import build_arg_parser, config_from_args, run_cli
 
 
 def main(argv=None) -> int:
-    parser = build_arg_parser(__doc__)
-    args = parser.parse_args(argv)
-    try:
+    args = build_arg_parser(__doc__).parse_args(argv)
+
+    def job():
         cfg = config_from_args(args)
         if getattr(args, "print_config", False):
             print(cfg.model_dump_json(indent=2))
-            return 0
+            return
         from tdm.run import distill, print_summary
 
         print_summary(distill(cfg))
-    except ConfigError as e:
-        print(f"distill.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("distill.py", job)
 
 
 if __name__ == "__main__":

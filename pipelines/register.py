@@ -9,21 +9,20 @@ Options after --checkpoint override the run's config (e.g. --gate.*, --eval.*, -
 """
 import sys
 
-from tdm.config import ConfigError, build_arg_parser, config_from_args
+from tdm.config import build_arg_parser, config_from_args, run_cli
 
 
 def main(argv=None) -> int:
     parser = build_arg_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="Checkpoint directory or s3:// URI.")
     args = parser.parse_args(argv)
-    try:
+
+    def job():
         from tdm.run import print_summary, register_checkpoint
 
         print_summary(register_checkpoint(args.checkpoint, lambda base: config_from_args(args, base)))
-    except ConfigError as e:
-        print(f"register.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("register.py", job)
 
 
 if __name__ == "__main__":

@@ -372,3 +372,15 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> TDMC
         except json.JSONDecodeError as e:
             raise ConfigError(f"--{key}: cannot parse {raw!r}: {e}") from None
     return load_config(data)
+
+
+def run_cli(prog: str, job) -> int:
+    """Run job() for an entry point: a ConfigError becomes one line on stderr and exit code 2."""
+    import sys
+
+    try:
+        job()
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .progress import progress
 from .toy.data import CAPTIONS, load_digits_tensors
 
 
@@ -80,7 +80,7 @@ def generate_all(pipe, prompts: Sequence[str], steps: int, guidance: float, seed
     """Images for all prompts (sample i seeded seed + i) and the wall time per image in ms."""
     out = []
     t0 = time.perf_counter()
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, mininterval=5):
+    for i in progress(range(0, len(prompts), batch_size), desc=desc):
         chunk = prompts[i:i + batch_size]
         out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance,
                         seeds=range(seed + i, seed + i + len(chunk))))

@@ -19,7 +19,6 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, TDMConfig, _default_home
 
-META_FILE = "meta.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -130,7 +129,7 @@ def init_ray(cfg: TDMConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=True)
     return True
 
 
@@ -369,8 +368,9 @@ def evaluate_and_register(cfg: TDMConfig, checkpoint, teacher_source: str, track
 def register_checkpoint(uri: str, configure=None) -> dict:
     """Evaluate and register any checkpoint (local path or s3://...) of an earlier run, into that run."""
     import pyarrow.fs
-
     from ray.train import Checkpoint
+
+    from .train import META_FILE
 
     from .tracking import find_run, get_or_create_experiment, use_tracking_uri
 

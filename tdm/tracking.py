@@ -82,6 +82,9 @@ def download_model(mv) -> Path:
 
     import mlflow
 
+    from .progress import quiet_libraries
+
+    quiet_libraries()
     target = model_cache_dir() / f"{mv.name}--{mv.version}"
     if not (target / "MLmodel").is_file():
         model_cache_dir().mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,10 @@ import torch
 from .backbones import cond_index, load_backbone
 from .config import TDMConfig
 from .distiller import EMA, TDMDistiller, student_grids
+from .progress import progress
 
 STATE_FILE = "state.pt"
+META_FILE = "meta.json"   # small JSON next to the state: step, teacher, run id, config, spec, metrics
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -45,8 +47,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     """LR multiplier at `step`: linear warm-up to 1, then constant or cosine decay to 0 at total_steps."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     if schedule == "cosine":
-        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+        frac = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * frac))
     return warm
 
 
@@ -181,10 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     accum = cfg.train.grad_accum_steps
     micro = cfg.train.batch_size // (world * accum)
     nfe_per_sample = {k: k + 5 for k in distiller.step_values}  # rollout K + fake fwd + student fwd + 2 teacher + fake
-    # Ray's tqdm renders one bar in the driver's terminal for the rank-0 worker
-    from ray.experimental.tqdm_ray import tqdm
-    bar = tqdm(total=cfg.train.max_steps, desc=f"distill {ctx.get_experiment_name()}", position=0) \
-        if rank == 0 else None
+    bar = progress(total=cfg.train.max_steps, desc=f"distill {ctx.get_experiment_name()}") if rank == 0 else None
     if bar is not None:
         bar.update(start)
     t_last = time.perf_counter()
@@ -213,7 +212,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     torch.save(state.state_dict(done, cfg, {"teacher_source": loop_config["teacher_source"],
                                                             "spec": spec}), Path(tmp) / STATE_FILE)
                     # small, human-readable description next to the state (read without loading weights)
-                    (Path(tmp) / "meta.json").write_text(json.dumps({
+                    (Path(tmp) / META_FILE).write_text(json.dumps({
                         "step": done, "teacher_source": loop_config["teacher_source"], "run_id": loop_config["run_id"],
                         "config": cfg.model_dump(mode="json"), "spec": spec, "metrics": report}, indent=2))
                     ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),

@@ -55,3 +55,10 @@ def test_empty_prompt_file(tmp_path):
 def test_teacher_directory_without_model_index(tmp_path):
     proc = run_distill(tmp_path, "--teacher.uri", str(tmp_path), "--data.prompts", "a cat")
     assert proc.returncode == 2 and "not a diffusers pipeline directory" in proc.stderr
+
+
+def test_register_rejects_a_missing_checkpoint(tmp_path):
+    env = dict(os.environ, TDM_HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "register.py"), "--checkpoint",
+                           str(tmp_path / "nope")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--checkpoint:" in proc.stderr and "Traceback" not in proc.stderr

@@ -24,6 +24,9 @@ def read_model_index(path_or_id: str | Path) -> dict:
 
 def load_backbone(path_or_id: str | Path, device="cpu", dtype=torch.float32) -> Backbone:
     """Load a teacher pipeline (diffusers layout) through its family's adapter."""
+    from ..progress import quiet_libraries
+
+    quiet_libraries()
     index = read_model_index(path_or_id)
     cls_name = index.get("_class_name", "")
     if cls_name not in ADAPTERS:

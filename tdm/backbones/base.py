@@ -140,7 +140,7 @@ class Backbone(ABC):
     def to(self, device=None, dtype=None) -> "Backbone":
         """Move every component; returns self."""
         for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
+            m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
         return self
 
     @abstractmethod

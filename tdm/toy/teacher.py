@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..backbones import UNetBackbone
+from ..progress import progress
 from .data import CAPTIONS, load_digits_tensors, split_indices
 
 PIPELINE_CLASS = "TDMToyDigitsPipeline"
@@ -59,7 +59,7 @@ def build_toy_backbone(seed: int = 0, channels: tuple[int, int] = (24, 48)) -> U
 
 def train_toy_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int, lr: float, cfg_dropout: float,
                       ema_decay: float, holdout_fraction: float, seed: int, channels: tuple[int, int] = (24, 48),
-                      progress: bool = True) -> dict:
+                      show_progress: bool = True) -> dict:
     """Train the toy teacher on the non-held-out digits and save it (EMA weights) in diffusers layout.
 
     Epsilon-prediction DDPM loss on UNet and text encoder jointly; each caption is replaced by the
@@ -81,7 +81,7 @@ def train_toy_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int,
     abar = backbone.schedule.alphas_cumprod
     g = torch.Generator().manual_seed(seed)
     losses = []
-    for step in tqdm(range(train_steps), desc="toy teacher", disable=not progress, mininterval=2):
+    for step in progress(range(train_steps), desc="toy teacher", disable=not show_progress):
         idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
         x0, y = x_train[idx], y_train[idx].clone()
         y[torch.rand(batch_size, generator=g) < cfg_dropout] = 10
