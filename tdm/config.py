@@ -162,6 +162,8 @@ class TrainConfig(Section):
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
     log_every: int = Field(10, ge=1, description="Steps between metric flushes to MLflow.")
     sample_every: int = Field(100, ge=1, description="Steps between fixed-noise sample grids in MLflow.")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between MLflow system-metrics "
+                                             "samples (CPU, memory, GPU) of each node.")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; none = $RAY_ADDRESS or a new local "
                                        "Ray instance.")
 

@@ -278,21 +278,17 @@ def _evaluate_and_export(cfg_json: str, checkpoint, teacher_source: str, trackin
 def distill(cfg: TDMConfig) -> dict:
     """Run a distillation end to end; returns a summary (run id, model version, table, gate)."""
     import mlflow
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from mlflow.entities import Param
 
-    from .train import train_loop_per_worker
-    from .tracking import (code_version, find_run, get_or_create_experiment, register, resolve_teacher_dir,
-                           use_tracking_uri)
+    from .tracking import code_version, find_run, get_or_create_experiment, resolve_teacher_dir, use_tracking_uri
 
     # 1. everything that can be checked without Ray or the teacher's weights
     if cfg.name is None:
         cfg = cfg.model_copy(update={"name": time.strftime("tdm-%Y%m%d-%H%M%S")})
     is_toy = cfg.teacher.uri == "toy"
-    prompts = load_prompts(cfg, is_toy)
     tracking_uri = use_tracking_uri()
     check_teacher_source(cfg.teacher.uri)
+    prompts = load_prompts(cfg, is_toy)
     storage = check_storage(cfg.train.storage_path or str(_default_home() / "runs"))
     check_grids(cfg, None if is_toy else resolve_teacher_dir(cfg.teacher.uri, tracking_uri))
     log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
@@ -306,19 +302,32 @@ def distill(cfg: TDMConfig) -> dict:
 
     # 3. the MLflow run this job owns; a second invocation with the same name appends to it
     exp_id = get_or_create_experiment(cfg.registry.experiment)
+    client = mlflow.MlflowClient()
     existing = find_run(exp_id, cfg.name)
     if existing is None:
-        run = mlflow.MlflowClient().create_run(exp_id, run_name=cfg.name, tags={
+        run = client.create_run(exp_id, run_name=cfg.name, tags={
             "tdm.run_name": cfg.name, "tdm.version": __version__, "tdm.code_version": code_version(),
             "tdm.teacher": teacher_source, "tdm.storage": f"{storage}/{cfg.name}"})
         run_id = run.info.run_id
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_params(cfg.to_flat_dict())
-            mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.to_flat_dict().items()])
+        client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
     else:
         run_id = existing.info.run_id
         _check_resume_config(existing, cfg)
+        client.update_run(run_id, status="RUNNING")  # RUNNING while training: system metrics need it
         log(f"resuming run {cfg.name} (MLflow run {run_id})")
+    try:
+        return _train_and_register(cfg, prompts, teacher_source, tracking_uri, run_id, storage, cpus)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+
+
+def _train_and_register(cfg: TDMConfig, prompts, teacher_source, tracking_uri, run_id, storage, cpus) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .train import train_loop_per_worker
 
     # 4. Ray Train
     trainer = TorchTrainer(

@@ -185,11 +185,12 @@ def code_version() -> str:
     return f"{__version__}+{sha or 'unknown'}"
 
 
-def start_system_metrics(run_id: str, tracking_uri: str, node_id: str, resume: bool):
-    """MLflow system metrics (CPU, memory, GPU with nvidia-ml-py) of this node into the run; returns the monitor."""
+def start_system_metrics(run_id: str, tracking_uri: str, node_id: str, resume: bool, interval_s: float = 10.0):
+    """MLflow system metrics (CPU, memory, GPU with nvidia-ml-py) of this node into the run (which must
+    be RUNNING); returns the monitor."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resume, node_id=node_id,
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, node_id=node_id,
                                    tracking_uri=tracking_uri)
     monitor.start()
     return monitor

@@ -179,7 +179,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         from .tracking import start_system_metrics
         monitor = start_system_metrics(loop_config["run_id"], loop_config["tracking_uri"],
-                                       f"{socket.gethostname()}", resume=start > 0)
+                                       f"{socket.gethostname()}", resume=start > 0,
+                                       interval_s=cfg.train.system_metrics_interval_s)
     accum = cfg.train.grad_accum_steps
     micro = cfg.train.batch_size // (world * accum)
     nfe_per_sample = {k: k + 5 for k in distiller.step_values}  # rollout K + fake fwd + student fwd + 2 teacher + fake

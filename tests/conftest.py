@@ -72,7 +72,7 @@ def ray_cluster(tdm_home, s3_server):
 TINY_RUN = {
     "toy": {"train_steps": 40, "channels": [8, 16], "batch_size": 32},
     "train": {"max_steps": 6, "batch_size": 8, "num_workers": 2, "cpus_per_worker": 1, "checkpoint_every": 3,
-              "sample_every": 3, "log_every": 2},
+              "sample_every": 3, "log_every": 2, "system_metrics_interval_s": 1},
     "eval": {"num_samples": 60, "teacher_steps": 5, "batch_size": 60},
 }
 

@@ -61,7 +61,8 @@ def test_run_tracking(first_run):
     assert names == {"teacher@5", "teacher_ddim@4", "student@1", "student@2", "student@4"}
     assert {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")} == {
         "checkpoints/step_0000003.json", "checkpoints/step_0000006.json"}
-    assert run.data.tags["tdm.code_version"].startswith("0.")
+    assert run.data.tags["tdm.code_version"].startswith("0.") and run.info.status == "FINISHED"
+    assert any(k.startswith("system/") and k.endswith("cpu_utilization_percentage") for k in run.data.metrics)
     assert any(f.path.startswith("images") for f in client.list_artifacts(run.info.run_id))
 
 
