@@ -24,16 +24,6 @@ import torch
 
 
 
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def iteration_overhead(pipeline_dir: str, batch: int, K: int, reps: int) -> dict:
     from tdm.backbones import load_backbone, predict_x0_eps
     from tdm.backbones.base import cond_cat
@@ -73,9 +63,19 @@ def iteration_overhead(pipeline_dir: str, batch: int, K: int, reps: int) -> dict
 
     parts = {"rollout (K fwd)": rollout, "fake fwd+bwd": fwd_bwd(d.fake), "student fwd+bwd": fwd_bwd(d.student),
              "teacher cond+uncond": teacher_cfg, "fake fwd": fake_fwd}
-    costs = {name: median_time(fn, reps) for name, fn in parts.items()}
     g = torch.Generator().manual_seed(0)
-    iteration = median_time(lambda: d.step([(cond, uncond)], K, g), reps)
+    parts["TDM iteration"] = lambda: d.step([(cond, uncond)], K, g)
+    # interleaved rounds: every measurement sees the same machine state (drift, other load)
+    times = {name: [] for name in parts}
+    for fn in parts.values():
+        fn()  # warm-up
+    for _ in range(reps):
+        for name, fn in parts.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    iteration = statistics.median(times.pop("TDM iteration"))
+    costs = {name: statistics.median(v) for name, v in times.items()}
     minimal = sum(costs.values())
     return {"parts": costs, "minimal_s": minimal, "iteration_s": iteration, "ratio": iteration / minimal}
 
