@@ -25,6 +25,7 @@ def main(argv=None) -> int:
                        help=f"{field.description} [default: {field.default}]")
     p.add_argument("--num-replicas", type=int, default=1, help="Generator replicas.")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per generator replica.")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs reserved per generator replica.")
     p.add_argument("--max-queued-requests", type=int, default=64, help="Queue bound; beyond it requests get 503.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
