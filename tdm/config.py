@@ -73,6 +73,17 @@ class StudentConfig(Section):
                                    "(default: the teacher's last timestep, 999; demo README: 899).")
     timesteps: Optional[list[int]] = Field(None, description="Explicit descending grid of K timesteps (fixed K only), "
                                            "e.g. 999,856,665,399; overrides the uniform grid.")
+    finetune: Literal["full", "lora"] = Field("full", description="How the student and the fake score are "
+                                              "trained: 'full' = two full trainable copies of the teacher (the "
+                                              "paper's main models); 'lora' = two LoRA adapters on one frozen base, "
+                                              "the teacher being the base with adapters off (one copy of the "
+                                              "weights; the paper's released models).")
+    lora_rank: int = Field(64, ge=1, description="LoRA rank r of both adapters (official BLADE config: 64; SD3.5 "
+                           "release: 32).")
+    lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha (scale alpha/r); none = lora_rank.")
+    lora_targets: Optional[list[str]] = Field(None, description="peft target_modules of the adapters; none = the "
+                                              "backbone family's default (attention, feed-forward and, for UNets, "
+                                              "resnet convolutions: the LCM-LoRA set).")
 
     @property
     def unify(self) -> bool:
@@ -148,6 +159,8 @@ class TrainConfig(Section):
                                   "accumulation); each network still steps once per iteration.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast of the network calls "
                                                            "(GPU only); fp16 adds loss scaling. TDM math stays fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass of the "
+                                         "trainable networks (less memory, ~30% more compute).")
     seed: int = Field(0, description="Seed of all distillation randomness (per-step and per-rank streams).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")

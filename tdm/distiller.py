@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .backbones.base import Cond, cond_cat, predict_x0_eps
+from .backbones.base import Cond, cond_cat, predict_x0_eps, trainable_parameters
 from .config import LossConfig, OptimConfig, StudentConfig
 from .losses import (check_grid_margins, classifier_free_guidance, fake_score_loss, generator_loss,
                      generator_normaliser, importance_weight, sample_noise_levels, sample_trajectory_index,
@@ -56,20 +56,20 @@ def validate_grids(grids: dict[int, list[int]], loss: LossConfig) -> None:
 
 
 class EMA:
-    """Exponential moving average of a module's trainable parameters (kept in float32)."""
+    """Exponential moving average of a role's trainable parameters (kept in float32)."""
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = [p.detach().float().clone() for p in module.parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in trainable_parameters(module)]
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        params = [p.detach().float() for p in module.parameters() if p.requires_grad]
+        params = [p.detach().float() for p in trainable_parameters(module)]
         torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)  # one fused kernel per dtype/device
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
-        for s, p in zip(self.shadow, (p for p in module.parameters() if p.requires_grad)):
+        for s, p in zip(self.shadow, trainable_parameters(module)):
             p.copy_(s.to(p.dtype))
 
     def state_dict(self) -> dict:
@@ -105,13 +105,16 @@ class TDMDistiller:
     def __init__(self, student_cfg: StudentConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
                  schedule: NoiseSchedule, latent_shape: Sequence[int], teacher: nn.Module, student: nn.Module,
                  fake: nn.Module, opt_student, opt_fake, sched_student=None, sched_fake=None, ema: EMA | None = None,
-                 mixed_precision: str = "no", device_type: str = "cpu"):
+                 mixed_precision: str = "no", device_type: str = "cpu", grad_sync=None):
         self.student_cfg, self.loss_cfg, self.optim_cfg = student_cfg, loss_cfg, optim_cfg
         self.schedule, self.latent_shape = schedule, tuple(latent_shape)
         self.teacher, self.student, self.fake = teacher, student, fake
         self.opt_student, self.opt_fake = opt_student, opt_fake
         self.sched_student, self.sched_fake = sched_student, sched_fake
         self.ema = ema
+        # data-parallel gradient averaging for roles that are not DDP-wrapped (LoRA roles share one base,
+        # which DDP cannot wrap twice): called with a role's parameters before its optimizer step
+        self.grad_sync = grad_sync
         # bf16/fp16 autocast for the network calls; the TDM math (conversions, losses) stays in float32.
         # fp16 needs loss scaling: one GradScaler per optimizer.
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
@@ -173,10 +176,13 @@ class TDMDistiller:
         return x_tau, (a_r, s_r, a_t, s_t)
 
     def _update(self, module: nn.Module, opt, sched, scaler) -> float:
-        """Unscale, clip (returns the pre-clip grad norm), optimizer and LR-scheduler step."""
+        """(All-reduce,) unscale, clip (returns the pre-clip grad norm), optimizer and LR-scheduler step."""
+        params = [p for group in opt.param_groups for p in group["params"]]  # this role's, not the shared base's
+        if self.grad_sync is not None:
+            self.grad_sync(params)
         if scaler is not None:
             scaler.unscale_(opt)
-        gn = _grad_norm(module.parameters(), self.optim_cfg.grad_clip)
+        gn = _grad_norm(params, self.optim_cfg.grad_clip)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -264,3 +270,16 @@ class TDMDistiller:
 
 def cond_batch(cond: Cond) -> int:
     return next(iter(cond.values())).shape[0]
+
+
+def allreduce_mean(params: Sequence[torch.Tensor]) -> None:
+    """Average the gradients of `params` over the process group, in one flat buffer (a missing grad
+    counts as zero, so ranks stay in lock-step)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g.view_as(p)

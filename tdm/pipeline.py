@@ -23,6 +23,8 @@ from .sampler import sample, seeded_noise, uniform_grid
 
 SPEC_FILE = "tdm_model.json"
 STEP_EMBEDDING_FILE = "step_embedding.safetensors"
+LORA_DIR = "lora"                           # the LoRA student's adapter, diffusers format
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 class TDMPipeline:
@@ -110,11 +112,24 @@ class TDMPipeline:
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> None:
+        """A diffusers-layout pipeline that stock diffusers loads (full weights; a LoRA student is merged,
+        and its adapter is also written to lora/ in diffusers format), with a scheduler configured to
+        reproduce this sampler, plus tdm_model.json."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.backbone.save_pretrained(path, self.denoiser.net)
-        write_spec(path, self.spec, self.backbone.family)
+        net, spec = self.denoiser.net, dict(self.spec)
+        if self.denoiser.adapter is not None:
+            net = merged_network(net, self.denoiser.adapter)
+        scheduler = None
+        if self.kind == "student":
+            scheduler = stock_scheduler_config(self.backbone.scheduler_config, self.backbone.schedule)
+            spec["diffusers"] = diffusers_usage(self.backbone, spec, scheduler)
+        self.backbone.save_pretrained(path, net, scheduler_config=scheduler)
+        if self.denoiser.adapter is not None and self.backbone.save_lora(path / LORA_DIR, self.denoiser.net,
+                                                                          self.denoiser.adapter):
+            spec["diffusers"]["lora"] = f"{LORA_DIR}/{LORA_WEIGHTS}"
+        write_spec(path, spec, self.backbone.family)
         if self.denoiser.step_embedding is not None:
             save_file({"weight": self.denoiser.step_embedding.embedding.weight.detach().cpu().contiguous()},
                       str(path / STEP_EMBEDDING_FILE))
@@ -134,6 +149,44 @@ class TDMPipeline:
             pipe.denoiser.step_embedding.embedding.weight.data.copy_(w)
         pipe.denoiser.to(device).eval().requires_grad_(False)
         return pipe
+
+
+def merged_network(net: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """A plain copy of a LoRA-carrying network with `adapter` merged into its weights (W + s*B@A) and
+    every adapter removed; `net` itself is untouched."""
+    import copy
+
+    merged = copy.deepcopy(net)
+    merged.fuse_lora(adapter_names=[adapter])
+    merged.unload_lora()
+    return merged
+
+
+def stock_scheduler_config(teacher_config: dict, schedule) -> dict:
+    """A stock diffusers scheduler config that reproduces tdm's deterministic sampler on the teacher's
+    noise schedule: first-order DPM-Solver++ is exactly DDIM with eta = 0 (Lu et al. 2022, eq. 9 with
+    k = 1), and accepts the student's explicit timesteps; flow-matching Euler is the same step for
+    rectified flow. The last step lands on sigma = 0, i.e. returns the x0 prediction as tdm does."""
+    import diffusers
+
+    if schedule.kind == "flow":
+        return dict(diffusers.FlowMatchEulerDiscreteScheduler.from_config(teacher_config).config)
+    return dict(diffusers.DPMSolverMultistepScheduler.from_config(
+        teacher_config, solver_order=1, algorithm_type="dpmsolver++", final_sigmas_type="zero",
+        use_karras_sigmas=False, thresholding=False, timestep_spacing="trailing").config)
+
+
+def diffusers_usage(backbone: Backbone, spec: dict, scheduler: dict) -> dict:
+    """How to sample the exported student with stock diffusers (recorded in tdm_model.json)."""
+    steps = int(spec["num_steps"])
+    grid = list((spec.get("timesteps") or {}).get(str(steps)) or uniform_grid(steps, int(spec["t_start"])))
+    call: dict = {"num_inference_steps": steps, "guidance_scale": 1.0}
+    if backbone.schedule.kind == "flow":  # the scheduler shifts the sigmas it is given, as tdm's schedule does
+        call["sigmas"] = [t / backbone.schedule.num_train_timesteps for t in grid]
+    else:
+        call["timesteps"] = grid
+    return {"pipeline": backbone.pipeline_class, "scheduler": scheduler["_class_name"], "call": call,
+            "step_conditioned": bool(spec.get("step_conditioned"))}
 
 
 def write_spec(path: str | Path, spec: dict, family: str) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from .backbones import cond_index, load_backbone
 from .config import TDMConfig
-from .distiller import EMA, TDMDistiller, student_grids
+from .distiller import EMA, TDMDistiller, allreduce_mean, student_grids
 from .progress import progress
 
 STATE_FILE = "state.pt"
@@ -33,8 +33,9 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 
 def build_optimizer(module: torch.nn.Module, lr: float, cfg) -> torch.optim.Optimizer:
     """AdamW over a role's trainable parameters; a step embedding gets lr * step_embedding_lr_scale."""
-    step_emb = [p for n, p in module.named_parameters() if n.startswith("step_embedding.") and p.requires_grad]
-    rest = [p for n, p in module.named_parameters() if not n.startswith("step_embedding.") and p.requires_grad]
+    named = module.named_trainable_parameters()
+    step_emb = [p for n, p in named if n.startswith("step_embedding.")]
+    rest = [p for n, p in named if not n.startswith("step_embedding.")]
     groups = [{"params": rest, "lr": lr}]
     if step_emb:
         groups.append({"params": step_emb, "lr": lr * cfg.step_embedding_lr_scale})
@@ -79,7 +80,7 @@ class TrainState:
     def state_dict(self, step: int, cfg: TDMConfig, extra: dict) -> dict:
         return {
             "step": step,
-            "student": self.student.state_dict(), "fake": self.fake.state_dict(),
+            "student": self.student.role_state_dict(), "fake": self.fake.role_state_dict(),
             "opt_student": self.opt_student.state_dict(), "opt_fake": self.opt_fake.state_dict(),
             "sched_student": self.sched_student.state_dict(), "sched_fake": self.sched_fake.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -88,8 +89,8 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict) -> int:
-        self.student.load_state_dict(state["student"])
-        self.fake.load_state_dict(state["fake"])
+        self.student.load_role_state_dict(state["student"])
+        self.fake.load_role_state_dict(state["fake"])
         self.opt_student.load_state_dict(state["opt_student"])
         self.opt_fake.load_state_dict(state["opt_fake"])
         self.sched_student.load_state_dict(state["sched_student"])
@@ -102,12 +103,21 @@ class TrainState:
         return int(state["step"])
 
 
+def make_role(cfg: TDMConfig, backbone, name: str):
+    """The student or the fake score: a full trainable copy, or a LoRA adapter on the shared base."""
+    st = cfg.student
+    step_values = st.steps if st.unify else None
+    if st.finetune == "lora":
+        return backbone.lora_role(name, st.lora_rank, st.lora_alpha or st.lora_rank, st.lora_targets, step_values,
+                                  cfg.train.gradient_checkpointing)
+    return backbone.trainable_copy(step_values, cfg.train.gradient_checkpointing)
+
+
 def build_roles(cfg: TDMConfig, backbone):
-    """Teacher (frozen, shared weights), student and fake score (trainable copies), optimizers, EMA."""
-    step_values = cfg.student.steps if cfg.student.unify else None
-    teacher = backbone.denoiser()
-    student = backbone.trainable_copy(step_values)
-    fake = backbone.trainable_copy(step_values)
+    """Teacher (frozen), student and fake score (full copies or LoRA adapters on the teacher), optimizers, EMA."""
+    student = make_role(cfg, backbone, "student")
+    fake = make_role(cfg, backbone, "fake")
+    teacher = backbone.denoiser()  # after the adapters exist: on a LoRA base it switches them off
     o = cfg.optim
     opt_s = build_optimizer(student, o.lr_student, o)
     opt_f = build_optimizer(fake, o.lr_fake, o)
@@ -121,9 +131,10 @@ def load_state_file(directory: str | Path) -> dict:
 
 
 def student_from_state(cfg: TDMConfig, backbone, state: dict):
-    """The student of a checkpoint (its EMA weights when EMA is on), frozen, ready to sample."""
-    student = backbone.trainable_copy(cfg.student.steps if cfg.student.unify else None)
-    student.load_state_dict(state["student"])
+    """The student of a checkpoint (its EMA weights when EMA is on), frozen, ready to sample. In LoRA
+    mode the adapter is added to `backbone`'s network (the teacher stays available with it off)."""
+    student = make_role(cfg, backbone, "student")
+    student.load_role_state_dict(state["student"])
     if state.get("ema") is not None:
         ema = EMA(student, state["ema"]["decay"])
         ema.load_state_dict(state["ema"])
@@ -147,11 +158,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
     from .tracking import resolve_teacher_dir
+    # the frozen teacher (and a LoRA base) needs no fp32 master copy: keep it in the autocast dtype on GPU
+    teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32) \
+        if device.type == "cuda" else torch.float32
     backbone = load_backbone(resolve_teacher_dir(loop_config["teacher_source"], loop_config["tracking_uri"]),
-                             device=device)
+                             device=device, dtype=teacher_dtype)
     prompts = loop_config["prompts"]
     cond_all = backbone.encode_prompts(prompts)
     uncond_one = backbone.encode_prompts([cfg.teacher.negative_prompt])
+    torch.manual_seed(cfg.train.seed)
     teacher, state = build_roles(cfg, backbone)
     state.student.to(device)
     state.fake.to(device)
@@ -162,12 +177,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             start = state.load_state_dict(load_state_file(d))
     student, fake = state.student, state.fake
-    if world > 1:  # DDP for the trainable roles only; the frozen teacher is moved, not wrapped
+    grad_sync = None
+    if world > 1 and cfg.student.finetune == "full":
+        # DDP for the trainable roles only; the frozen teacher is moved, not wrapped
         student = prepare_model(student, move_to_device=False)
         fake = prepare_model(fake, move_to_device=False)
+    elif world > 1:
+        # LoRA roles share one base module, which DDP cannot wrap per role: start every rank from rank 0's
+        # adapters and average the (small) adapter gradients before each optimizer step
+        import torch.distributed as dist
+        for p in state.student.trainable_parameters() + state.fake.trainable_parameters():
+            dist.broadcast(p.data, src=0)
+        grad_sync = allreduce_mean
     distiller = TDMDistiller(cfg.student, cfg.loss, cfg.optim, backbone.schedule, backbone.latent_shape, teacher,
                              student, fake, state.opt_student, state.opt_fake, state.sched_student,
-                             state.sched_fake, state.ema, cfg.train.mixed_precision, device.type)
+                             state.sched_fake, state.ema, cfg.train.mixed_precision, device.type, grad_sync)
     spec = student_spec(cfg, distiller.grids, backbone.schedule, loop_config["teacher_source"])
     logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg, backbone, state.student, spec,
                             prompts) if rank == 0 else None

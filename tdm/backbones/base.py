@@ -13,6 +13,7 @@ A new family is one adapter file that subclasses `Backbone`; nothing in the trai
 from __future__ import annotations
 
 import copy
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -74,19 +75,72 @@ class Denoiser(nn.Module):
 
     `call(net, x, t, cond)` is the adapter's way of invoking the network; `time_embedding` the
     submodule whose output the StepEmbedding is added to (only when step_values is given).
+
+    Roles either own a full copy of the network, or share one frozen base carrying LoRA adapters
+    (`adapter` = the role's adapter name; None on a base with adapters = the base alone, i.e. the
+    teacher). Each call activates the role's adapter, so the three roles hold one copy of the base.
     """
 
     def __init__(self, net: nn.Module, call, time_embedding_name: str | None = None,
-                 time_embed_dim: int | None = None, step_values: Sequence[int] | None = None):
+                 time_embed_dim: int | None = None, step_values: Sequence[int] | None = None,
+                 adapter: str | None = None):
         super().__init__()
         self.net = net
         self._call = call
+        self.adapter = adapter
+        self._lora_layers: list | None = None
         self.step_embedding = None
         if step_values:
             self.step_embedding = StepEmbedding(step_values, time_embed_dim)
             net.get_submodule(time_embedding_name).register_forward_hook(self.step_embedding.hook)
 
+    def _activate(self) -> None:
+        """Point every LoRA layer of the shared base at this role (or disable them for the base).
+
+        Sets peft's layer state directly: peft's own set_adapter also flips requires_grad of the other
+        adapters, which would silently freeze the other role's parameters between its steps."""
+        if self._lora_layers is None:  # found once: roles are built after the adapters are added
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            self._lora_layers = [m for m in self.net.modules() if isinstance(m, BaseTunerLayer)]
+        for m in self._lora_layers:
+            m._disable_adapters = self.adapter is None
+            if self.adapter is not None:
+                m._active_adapter = [self.adapter]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters this role trains: its LoRA adapter (shared base) or every network parameter
+        that requires grad (full copy), plus its step embedding."""
+        if self.adapter is not None:
+            tag = f".{self.adapter}."
+            return [(n, p) for n, p in self.named_parameters()
+                    if n.startswith("step_embedding.") or ("lora_" in n and tag in n)]
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def role_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores for this role: the full network, or only the adapter (the base is
+        the teacher, restored from the teacher itself)."""
+        if self.adapter is None:
+            return self.state_dict()
+        return {n: p.detach() for n, p in self.named_trainable_parameters()}
+
+    def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.adapter is None:
+            self.load_state_dict(state)
+            return
+        own = dict(self.named_trainable_parameters())
+        if set(own) != set(state):
+            missing, extra = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
+            raise ValueError(f"checkpoint does not match the {self.adapter!r} adapter (missing {missing}, "
+                             f"unexpected {extra}): was it trained with another student.finetune / lora_rank?")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(state[n])
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, num_steps: torch.Tensor | None = None):
+        self._activate()
         if self.step_embedding is not None:
             if num_steps is None:
                 raise ValueError("this model is conditioned on the step count: pass num_steps")
@@ -96,6 +150,19 @@ class Denoiser(nn.Module):
         finally:
             if self.step_embedding is not None:
                 self.step_embedding._current = None
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return getattr(module, "module", module)
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """A role's trained parameters (see Denoiser.named_trainable_parameters); DDP-wrapped or not."""
+    module = unwrap(module)
+    if isinstance(module, Denoiser):
+        return module.trainable_parameters()
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def predict_x0_eps(denoiser: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor, cond: Cond,
@@ -134,8 +201,30 @@ class Backbone(ABC):
         """Raw network output (eps, v or velocity) for a batch."""
 
     @abstractmethod
-    def save_pretrained(self, path: str | Path, network: nn.Module | None = None) -> None:
-        """Write a diffusers-layout pipeline directory, with `network` in place of the teacher's weights."""
+    def save_pretrained(self, path: str | Path, network: nn.Module | None = None,
+                        scheduler_config: dict | None = None) -> None:
+        """Write a diffusers-layout pipeline directory, with `network` in place of the teacher's weights
+        (and `scheduler_config` in place of the teacher's scheduler)."""
+
+    #: diffusers pipeline class written to model_index.json; its LoRA loader's component prefix
+    pipeline_class: str
+    lora_prefix: str = "unet"
+
+    def save_lora(self, path: str | Path, network: nn.Module, adapter: str) -> bool:
+        """Write `adapter` of `network` as diffusers LoRA weights (`pipe.load_lora_weights(path)`).
+        Returns False when the family's diffusers pipeline has no LoRA loader (e.g. PixArt-alpha)."""
+        import diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        cls = getattr(diffusers, self.pipeline_class, None)
+        if cls is None or not hasattr(cls, "save_lora_weights"):
+            return False
+        layers = get_peft_model_state_dict(network, adapter_name=adapter)
+        meta = network.peft_config[adapter].to_dict()
+        meta["target_modules"] = sorted(meta["target_modules"])  # a set in peft; JSON needs a list
+        cls.save_lora_weights(str(path), **{f"{self.lora_prefix}_lora_layers": layers,
+                                            f"{self.lora_prefix}_lora_adapter_metadata": meta})
+        return True
 
     def to(self, device=None, dtype=None) -> "Backbone":
         """Move every component; returns self."""
@@ -147,12 +236,46 @@ class Backbone(ABC):
     def modules(self) -> dict[str, nn.Module]:
         """All torch components by name (network, text encoder, VAE, ...)."""
 
-    def denoiser(self, network: nn.Module | None = None, step_values: Sequence[int] | None = None) -> Denoiser:
+    def denoiser(self, network: nn.Module | None = None, step_values: Sequence[int] | None = None,
+                 adapter: str | None = None) -> Denoiser:
         """Wrap `network` (default: the teacher network) as a role, optionally conditioned on K."""
         return Denoiser(network if network is not None else self.network, self.call_network,
-                        self.time_embedding_name, self.time_embed_dim, step_values)
+                        self.time_embedding_name, self.time_embed_dim, step_values, adapter)
 
-    def trainable_copy(self, step_values: Sequence[int] | None = None) -> Denoiser:
+    def trainable_copy(self, step_values: Sequence[int] | None = None,
+                       gradient_checkpointing: bool = False) -> Denoiser:
         """A full copy of the teacher network in float32 with gradients on (student / fake score init)."""
         net = copy.deepcopy(self.network).float().requires_grad_(True).train()
+        if gradient_checkpointing:
+            net.enable_gradient_checkpointing()
         return self.denoiser(net, step_values)
+
+    #: default LoRA target modules of the family (peft `target_modules`)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def lora_role(self, name: str, rank: int, alpha: float, targets: Sequence[str] | None = None,
+                  step_values: Sequence[int] | None = None, gradient_checkpointing: bool = False) -> Denoiser:
+        """A role as a LoRA adapter `name` on the shared teacher network (the base stays frozen).
+
+        LoRA B starts at zero, so the role starts exactly at the teacher. The adapter's weights are
+        float32 whatever the base dtype (a bf16 base is the usual GPU set-up)."""
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets or self.lora_targets),
+                            init_lora_weights=True)
+        try:
+            with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point
+                warnings.simplefilter("ignore", UserWarning)
+                self.network.add_adapter(config, adapter_name=name)
+        except ValueError as e:  # e.g. no module matches the targets
+            raise ValueError(f"student.lora_targets: {str(e).splitlines()[0]}") from None
+        role = self.denoiser(self.network, step_values, adapter=name)
+        for _, p in role.named_trainable_parameters():
+            p.data = p.data.float()
+        for n, p in self.network.named_parameters():  # add_adapter froze the previously added adapters
+            if "lora_" in n:
+                p.requires_grad_(True)
+        if gradient_checkpointing:  # only acts under grad: the teacher's no-grad calls are unaffected
+            self.network.enable_gradient_checkpointing()
+        self.network.eval()  # dropout-free as the teacher; LoRA dropout is 0
+        return role

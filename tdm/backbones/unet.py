@@ -18,6 +18,9 @@ from .base import Backbone, Cond
 class UNetBackbone(Backbone):
     family = "unet"
     time_embedding_name = "time_embedding"
+    #: the LCM-LoRA target set: attention, feed-forward, resnet and resampling convolutions
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: dict,
                  vae: nn.Module | None = None, pipeline_class: str = "StableDiffusionPipeline"):
@@ -74,7 +77,8 @@ class UNetBackbone(Backbone):
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
 
-    def save_pretrained(self, path: str | Path, network: nn.Module | None = None) -> None:
+    def save_pretrained(self, path: str | Path, network: nn.Module | None = None,
+                        scheduler_config: dict | None = None) -> None:
         import diffusers
 
         path = Path(path)
@@ -82,8 +86,9 @@ class UNetBackbone(Backbone):
         (network if network is not None else self.network).save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path / "text_encoder")
         self.tokenizer.save_pretrained(path / "tokenizer")
-        sched_cls = getattr(diffusers, self.scheduler_config.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
-        sched_cls.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
+        sched_cfg = scheduler_config or self.scheduler_config
+        sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
+        sched_cls.from_config(sched_cfg).save_pretrained(path / "scheduler")
         index = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__,
                  "unet": ["diffusers", "UNet2DConditionModel"],
                  "text_encoder": ["transformers", type(self.text_encoder).__name__],
