@@ -156,10 +156,18 @@ def merged_network(net: torch.nn.Module, adapter: str) -> torch.nn.Module:
     every adapter removed; `net` itself is untouched."""
     import copy
 
-    merged = copy.deepcopy(net)
-    merged.fuse_lora(adapter_names=[adapter])
-    merged.unload_lora()
-    return merged
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    with_lora = copy.deepcopy(net)
+    for m in with_lora.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge(adapter_names=[adapter])
+    # the merged weights sit in `<layer>.base_layer.*`; drop the adapters and load into a plain model
+    state = {k.replace(".base_layer.", "."): v for k, v in with_lora.state_dict().items() if "lora_" not in k}
+    plain = type(net).from_config(net.config).to(device=next(net.parameters()).device,
+                                                   dtype=next(iter(state.values())).dtype)
+    plain.load_state_dict(state)
+    return plain.eval().requires_grad_(False)
 
 
 def stock_scheduler_config(teacher_config: dict, schedule) -> dict:
@@ -180,7 +188,7 @@ def diffusers_usage(backbone: Backbone, spec: dict, scheduler: dict) -> dict:
     """How to sample the exported student with stock diffusers (recorded in tdm_model.json)."""
     steps = int(spec["num_steps"])
     grid = list((spec.get("timesteps") or {}).get(str(steps)) or uniform_grid(steps, int(spec["t_start"])))
-    call: dict = {"num_inference_steps": steps, "guidance_scale": 1.0}
+    call: dict = {"num_inference_steps": steps, "guidance_scale": 1.0, **backbone.stock_call_kwargs}
     if backbone.schedule.kind == "flow":  # the scheduler shifts the sigmas it is given, as tdm's schedule does
         call["sigmas"] = [t / backbone.schedule.num_train_timesteps for t in grid]
     else:

@@ -57,3 +57,91 @@ def build_tiny_toy(path: str | Path, seed: int = 0) -> Path:
 
     build_toy_backbone(seed=seed, channels=(8, 16)).save_pretrained(path)
     return Path(path)
+
+
+def _tiny_clip(tokenizer, projection: bool, hidden: int = 32, projection_dim: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1, projection_dim=projection_dim)
+    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
+
+
+def _tiny_t5(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=1, eos_token_id=1))
+
+
+def _tiny_vae(**kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=16, sample_size=16, **kw)
+
+
+def build_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
+    """A tiny SDXL-shaped pipeline (UNet with text_time added conditioning, two CLIP encoders, VAE)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=32 + 6 * 8, cross_attention_dim=64,
+                                norm_num_groups=16)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=_tiny_clip(tok, False),
+                                     text_encoder_2=_tiny_clip(tok, True), tokenizer=tok, tokenizer_2=tok, unet=unet,
+                                     scheduler=scheduler)
+    pipe.save_pretrained(path / "pipe")
+    return path / "pipe"
+
+
+def build_tiny_pixart(path: str | Path, seed: int = 0) -> Path:
+    """A tiny PixArt-alpha-shaped pipeline (DiT with learned sigma, T5 encoder, VAE)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=3, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=_tiny_t5(tok), vae=_tiny_vae(), transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(path / "pipe")
+    return path / "pipe"
+
+
+def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
+    """A tiny SD3-shaped pipeline (MMDiT, two CLIP encoders with projection + T5, flow matching, shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                        pooled_projection_dim=64, out_channels=4)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=_tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
+                                    text_encoder=_tiny_clip(tok, True), tokenizer=tok,
+                                    text_encoder_2=_tiny_clip(tok, True), tokenizer_2=tok,
+                                    text_encoder_3=_tiny_t5(tok), tokenizer_3=tok)
+    pipe.save_pretrained(path / "pipe")
+    return path / "pipe"
+
+
+#: family -> builder of a tiny random-weight pipeline
+TINY_BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sd3": build_tiny_sd3}

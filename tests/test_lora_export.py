@@ -115,3 +115,35 @@ def test_export_loads_in_stock_diffusers_and_matches_our_sampler(tiny_sd_dir, tm
         assert (out - ref).abs().max().item() < 1e-4
     else:
         assert not (tmp_path / "export" / LORA_DIR).exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_family_dirs(tmp_path_factory):
+    from tdm.testing import TINY_BUILDERS
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build(root / name) for name, build in TINY_BUILDERS.items() if name != "sd15"}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3"])
+def test_family_export_matches_stock_diffusers(tiny_family_dirs, tmp_path, family):
+    import diffusers
+
+    from tdm.sampler import seeded_noise
+
+    cfg, b, teacher, st, d = _roles(tiny_family_dirs[family])
+    for _ in range(2):
+        d.step([(b.encode_prompts(["a cat"] * 2), b.encode_prompts([""] * 2))], 4, torch.Generator().manual_seed(0))
+    spec = student_spec(cfg, d.grids, b.schedule, str(tiny_family_dirs[family]))
+    ours = TDMPipeline(b, spec, denoiser=st.student)
+    ours.save_pretrained(tmp_path / "export")
+    prompts, seeds = ["a cat", "a red dog"], [3, 4]
+    ref = ours(prompts, seeds=seeds)
+    usage = json.loads((tmp_path / "export" / "tdm_model.json").read_text())["diffusers"]
+    stock = getattr(diffusers, usage["pipeline"]).from_pretrained(tmp_path / "export")
+    assert type(stock.scheduler).__name__ == usage["scheduler"]
+    out = stock(prompts, latents=seeded_noise(seeds, b.latent_shape), output_type="pt", **usage["call"]).images
+    assert (out - ref).abs().max().item() < 1e-4
+    assert ("lora" in usage) == (family != "pixart")   # PixArt's stock pipeline has no LoRA loader
+    if family == "sd3":
+        assert usage["call"]["sigmas"] == [1.0, 0.75, 0.5, 0.25]

@@ -6,12 +6,17 @@ from pathlib import Path
 import torch
 
 from .base import Backbone, Cond, Denoiser, StepEmbedding, cond_cat, cond_index, cond_to, predict_x0_eps
+from .stock import PixArtBackbone, SD3Backbone, SDXLBackbone
 from .unet import UNetBackbone
 
 #: pipeline class name -> adapter. A new family registers its pipeline classes here.
 ADAPTERS: dict[str, type[Backbone]] = {
     "StableDiffusionPipeline": UNetBackbone,
     "TDMToyDigitsPipeline": UNetBackbone,
+    "StableDiffusionXLPipeline": SDXLBackbone,
+    "PixArtAlphaPipeline": PixArtBackbone,
+    "PixArtSigmaPipeline": PixArtBackbone,
+    "StableDiffusion3Pipeline": SD3Backbone,
 }
 
 
@@ -34,5 +39,6 @@ def load_backbone(path_or_id: str | Path, device="cpu", dtype=torch.float32) -> 
     return ADAPTERS[cls_name].from_pretrained(path_or_id, index, device=device, dtype=dtype)
 
 
-__all__ = ["ADAPTERS", "Backbone", "Cond", "Denoiser", "StepEmbedding", "UNetBackbone", "cond_cat", "cond_index",
+__all__ = ["ADAPTERS", "Backbone", "Cond", "Denoiser", "PixArtBackbone", "SD3Backbone", "SDXLBackbone",
+           "StepEmbedding", "UNetBackbone", "cond_cat", "cond_index",
            "cond_to", "load_backbone", "predict_x0_eps", "read_model_index"]

@@ -209,6 +209,8 @@ class Backbone(ABC):
     #: diffusers pipeline class written to model_index.json; its LoRA loader's component prefix
     pipeline_class: str
     lora_prefix: str = "unet"
+    #: extra keyword arguments the stock pipeline's __call__ needs to compute what the adapter computes
+    stock_call_kwargs: dict = {}
 
     def save_lora(self, path: str | Path, network: nn.Module, adapter: str) -> bool:
         """Write `adapter` of `network` as diffusers LoRA weights (`pipe.load_lora_weights(path)`).
@@ -266,7 +268,11 @@ class Backbone(ABC):
         try:
             with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point
                 warnings.simplefilter("ignore", UserWarning)
-                self.network.add_adapter(config, adapter_name=name)
+                if hasattr(self.network, "add_adapter"):  # diffusers' PeftAdapterMixin (records peft_config)
+                    self.network.add_adapter(config, adapter_name=name)
+                else:                                       # e.g. PixArtTransformer2DModel
+                    from peft import inject_adapter_in_model
+                    inject_adapter_in_model(config, self.network, adapter_name=name)
         except ValueError as e:  # e.g. no module matches the targets
             raise ValueError(f"student.lora_targets: {str(e).splitlines()[0]}") from None
         role = self.denoiser(self.network, step_values, adapter=name)

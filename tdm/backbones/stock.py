@@ -1,0 +1,191 @@
+"""Adapters that drive a stock diffusers pipeline object: SDXL (UNet with pooled text embeddings and
+size/crop conditioning), PixArt-alpha/sigma (DiT with T5, learned-sigma output) and SD3 (MMDiT,
+rectified flow with shift).
+
+Text encoding calls the pipeline's own `encode_prompt`, so the conditioning is exactly what stock
+diffusers computes (three encoders for SD3, zeroed empty prompts for SDXL, T5 masks for PixArt); the
+adapter only maps it to a `Cond` dict, calls the network and decodes. All components stay shared with
+the pipeline object: nothing is copied.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..schedules import NoiseSchedule, flow_sigma
+from .base import Backbone, Cond
+
+TRANSFORMER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+class StockPipelineBackbone(Backbone):
+    """Common part: load/save through the pipeline class, VAE decoding, latent shape."""
+
+    pipeline_class: str
+    denoiser_name: str            # "unet" or "transformer"
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        for comp in pipe.components.values():
+            if isinstance(comp, nn.Module):
+                comp.eval().requires_grad_(False)
+        self.network = getattr(pipe, self.denoiser_name)
+        self.lora_prefix = self.denoiser_name
+        self.pipeline_class = type(pipe).__name__
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config)
+        c = self.network.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        self.latent_shape = (c.in_channels, size, size)
+        self.image_size = size * pipe.vae_scale_factor
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32):
+        import diffusers
+
+        pipe_cls = getattr(diffusers, model_index["_class_name"])
+        return cls(pipe_cls.from_pretrained(str(path), torch_dtype=dtype)).to(device)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in self.pipe.components.items() if isinstance(v, nn.Module)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+
+    def save_pretrained(self, path: str | Path, network: nn.Module | None = None,
+                        scheduler_config: dict | None = None) -> None:
+        import diffusers
+
+        comps = dict(self.pipe.components)
+        if network is not None:
+            comps[self.denoiser_name] = network
+        if scheduler_config is not None:
+            comps["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+        extra = {k: self.pipe.config[k] for k in ("force_zeros_for_empty_prompt",) if k in self.pipe.config}
+        type(self.pipe)(**comps, **extra).save_pretrained(str(path))
+
+
+class SDXLBackbone(StockPipelineBackbone):
+    """Stable Diffusion XL: two CLIP encoders, pooled embedding and (size, crop, target) time ids."""
+
+    family = "sdxl"
+    denoiser_name = "unet"
+    time_embedding_name = "time_embedding"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.time_embed_dim = self.network.time_embedding.linear_2.out_features
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        prompts = list(prompts)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        if self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            # stock SDXL uses zero embeddings, not the encoded "", for an empty negative prompt
+            empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
+            embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        size = (self.image_size, self.image_size)
+        time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                               text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim)
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled,
+                "time_ids": time_ids.to(embeds.device).repeat(len(prompts), 1)}
+
+    @staticmethod
+    def call_network(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        dtype = net.dtype
+        return net(x.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                   added_cond_kwargs={"text_embeds": cond["text_embeds"].to(dtype),
+                                      "time_ids": cond["time_ids"].to(dtype)}).sample
+
+
+class PixArtBackbone(StockPipelineBackbone):
+    """PixArt-alpha / sigma: DiT with T5 conditioning; a learned-sigma output keeps its first half."""
+
+    family = "pixart"
+    denoiser_name = "transformer"
+    time_embedding_name = "adaln_single.emb"
+    lora_targets = TRANSFORMER_LORA_TARGETS
+    #: T5 tokens per prompt, as the stock pipelines (alpha: 120)
+    max_sequence_length = 120
+
+    @property
+    def stock_call_kwargs(self) -> dict:
+        # caption cleaning and resolution binning would change what the stock pipeline computes
+        return {"clean_caption": False, "use_resolution_binning": False,
+                "max_sequence_length": self.max_sequence_length}
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        c = self.network.config
+        self.time_embed_dim = c.num_attention_heads * c.attention_head_dim
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        embeds, mask, _, _ = self.pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                                     device=self.device, clean_caption=False,
+                                                     max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+    @staticmethod
+    def call_network(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        dtype = net.dtype
+        added = {"resolution": None, "aspect_ratio": None}
+        if net.config.sample_size == 128:  # PixArt-alpha 1024px: micro-conditions, as its pipeline passes them
+            h = w = x.shape[-1] * 8
+            added = {"resolution": torch.tensor([[h, w]], device=x.device, dtype=dtype).repeat(x.shape[0], 1),
+                     "aspect_ratio": torch.tensor([[h / w]], device=x.device, dtype=dtype).repeat(x.shape[0], 1)}
+        out = net(x.to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                  encoder_attention_mask=cond["encoder_attention_mask"], timestep=t, added_cond_kwargs=added).sample
+        if out.shape[1] == 2 * x.shape[1]:  # learned sigma: [eps, variance]; the sampler uses eps only
+            out = out[:, :x.shape[1]]
+        return out
+
+
+class SD3Backbone(StockPipelineBackbone):
+    """Stable Diffusion 3: MMDiT, two CLIP + T5 encoders, rectified flow with shift."""
+
+    family = "sd3"
+    denoiser_name = "transformer"
+    time_embedding_name = "time_text_embed"
+    lora_targets = TRANSFORMER_LORA_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                                               "ff_context.net.0.proj", "ff_context.net.2")
+    max_sequence_length = 256
+
+    @property
+    def stock_call_kwargs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        c = self.network.config
+        self.time_embed_dim = c.num_attention_heads * c.attention_head_dim
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(list(prompts), None, None, device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def call_network(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        # tdm's flow t is the unshifted level in [0, T]; the network (like the stock scheduler) takes
+        # T * sigma, with sigma the shifted level
+        s = self.schedule
+        t_net = s.num_train_timesteps * flow_sigma(t.float(), s.num_train_timesteps, s.shift)
+        dtype = net.dtype
+        return net(hidden_states=x.to(dtype), timestep=t_net, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                   pooled_projections=cond["pooled_projections"].to(dtype)).sample
