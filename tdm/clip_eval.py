@@ -191,3 +191,43 @@ def evaluate_against_teacher(student_images: torch.Tensor, teacher_images: torch
         "clip_score_student": evaluator.clip_score(student_images, prompts),
         "clip_score_teacher": evaluator.clip_score(teacher_images, prompts),
     }
+
+
+def _sample_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float | None,
+                batch_size: int) -> tuple[torch.Tensor, float]:
+    """Images for every prompt (batched) and the mean latency per image in ms."""
+    import time
+
+    out, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        out.append(pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
+                        seeds=list(seeds[i:i + batch_size])).cpu())
+    return torch.cat(out), (time.perf_counter() - t0) * 1000 / len(prompts)
+
+
+def evaluate_real(student, teacher, prompts: Sequence[str], evaluator: ClipEvaluator, cfg) -> dict:
+    """Evaluation of a real-teacher distillation on `prompts` (cycled to eval.num_samples), same seeds
+    for every sampler: teacher@teacher_steps and teacher DDIM@K with CFG, the student at its step counts.
+    Per row: CLIP score, Frechet distance to the teacher@teacher_steps samples in CLIP space, latency.
+    Returns {"rows", "grids", "passed", "gate"}."""
+    e, K, g = cfg.eval, cfg.student.num_steps, cfg.loss.guidance_scale
+    prompts = [prompts[i % len(prompts)] for i in range(e.num_samples)]
+    seeds = [e.seed + i for i in range(e.num_samples)]
+    ref_name = f"teacher@{e.teacher_steps}"
+    runs = [(ref_name, teacher, e.teacher_steps, g), (f"teacher_ddim@{K}", teacher, K, g)]
+    runs += [(f"student@{k}", student, k, None) for k in cfg.eval_student_steps
+             if not cfg.student.unify or k in cfg.student.steps]
+    rows, grids, ref = {}, {}, None
+    for name, pipe, steps, guidance in runs:
+        images, latency = _sample_all(pipe, prompts, seeds, steps, guidance, e.batch_size)
+        ref = images if ref is None else ref
+        rows[name] = {"name": name, "steps": steps, "clip_score": evaluator.clip_score(images, prompts),
+                      "fid_vs_teacher": 0.0 if images is ref else evaluator.fid(images, ref),
+                      "latency_ms": latency}
+        grids[name] = images[:min(len(images), 16)]
+    s, t = rows[f"student@{K}"], rows[ref_name]
+    checks = {"clip_score_drop": t["clip_score"] - s["clip_score"], "fid_vs_teacher": s["fid_vs_teacher"]}
+    ok = {"clip_score_drop": checks["clip_score_drop"] <= cfg.gate.max_clip_score_drop,
+          "fid_vs_teacher": cfg.gate.max_fid_vs_teacher is None or s["fid_vs_teacher"] <= cfg.gate.max_fid_vs_teacher}
+    gate = {"gate/" + k: v for k, v in checks.items()} | {"gate/passed_" + k: float(v) for k, v in ok.items()}
+    return {"rows": rows, "grids": grids, "passed": all(ok.values()), "gate": gate}

@@ -188,6 +188,9 @@ class EvalConfig(Section):
     teacher_steps: int = Field(50, ge=1, description="Steps of the teacher reference sampler.")
     student_steps: Optional[list[int]] = Field(None, description="Student step counts to evaluate (default 1, 2, K).")
     batch_size: int = Field(500, ge=1, description="Evaluation batch size.")
+    clip_model: Optional[str] = Field(None, description="Real teachers: CLIP model (hub id or directory, e.g. "
+                                      "openai/clip-vit-large-patch14) for the CLIP score and the Frechet distance "
+                                      "between student and teacher samples in CLIP feature space.")
 
 
 class GateConfig(Section):
@@ -198,6 +201,11 @@ class GateConfig(Section):
     max_adherence_drop: float = Field(1.0, ge=0, description="student@K prompt adherence >= teacher's minus this "
                                       "(percentage points).")
     max_fid_ratio_teacher_ddim: float = Field(0.5, gt=0, description="student@K FID <= this x teacher DDIM@K FID.")
+    max_clip_score_drop: float = Field(1.0, ge=0, description="Real teachers: student@K CLIP score >= teacher's "
+                                       "teacher_steps CLIP score minus this.")
+    max_fid_vs_teacher: Optional[float] = Field(None, gt=0, description="Real teachers: Frechet distance (CLIP "
+                                                "space) between student@K and teacher samples <= this; none = "
+                                                "not gated, only reported.")
 
 
 class RegistryConfig(Section):
@@ -209,7 +217,14 @@ class RegistryConfig(Section):
 class DataConfig(Section):
     prompts: Optional[list[str]] = Field(None, description="Training prompts; none = the teacher's own prompt set "
                                          "(the ten digit captions for the toy).")
-    prompt_file: Optional[str] = Field(None, description="Text file with one prompt per line.")
+    prompt_source: Optional[str] = Field(None, description="Where the prompts are: a .txt file (one per line), "
+                                         ".jsonl or .parquet (column prompt_column), a local directory of such "
+                                         "files, or an s3://bucket/prefix (object or prefix).")
+    prompt_column: str = Field("prompt", description="Column / JSON key of the prompts in .jsonl and .parquet.")
+    max_prompts: Optional[int] = Field(None, ge=1, description="Use only the first N prompts of the source.")
+    embedding_cache: bool = Field(True, description="Cache the text embeddings of the prompt set on disk "
+                                  "($TDM_HOME/cache/embeddings), keyed by teacher and prompts, so the text "
+                                  "encoders run once per node and prompt set, not every step or restart.")
 
 
 class TDMConfig(Section):
@@ -254,8 +269,11 @@ class TDMConfig(Section):
             raise ValueError(f"train.mixed_precision={t.mixed_precision} needs train.use_gpu (CPU runs in fp32)")
         if self.data.prompts is not None and not [p for p in self.data.prompts if p.strip()]:
             raise ValueError("data.prompts is empty")
-        if self.data.prompts is not None and self.data.prompt_file is not None:
-            raise ValueError("give data.prompts or data.prompt_file, not both")
+        if self.data.prompts is not None and self.data.prompt_source is not None:
+            raise ValueError("give data.prompts or data.prompt_source, not both")
+        if self.eval.enabled and self.teacher.uri != "toy" and self.eval.clip_model is None:
+            raise ValueError("eval.clip_model is required to evaluate a non-toy teacher (a CLIP model hub id or "
+                             "directory), or set eval.enabled false")
         if self.eval.student_steps is not None and any(k < 1 for k in self.eval.student_steps):
             raise ValueError(f"eval.student_steps must be >= 1, got {self.eval.student_steps}")
         return self

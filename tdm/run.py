@@ -29,25 +29,18 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- validation before any work
 
 def load_prompts(cfg: TDMConfig, teacher_is_toy: bool) -> list[str]:
-    """The training prompts; errors name data.prompts / data.prompt_file."""
-    if cfg.data.prompt_file:
-        path = Path(cfg.data.prompt_file).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"data.prompt_file: file not found: {path}")
-        try:
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"data.prompt_file: cannot read {path}: {e}") from None
-        if not prompts:
-            raise ConfigError(f"data.prompt_file: {path} contains no prompts")
-        return prompts
+    """The training prompts; errors name data.prompts / data.prompt_source."""
+    from .sources import load_prompts as read_source
+
+    if cfg.data.prompt_source:
+        return read_source(cfg.data.prompt_source, cfg.data.prompt_column, "data.prompt_source", cfg.data.max_prompts)
     if cfg.data.prompts is not None:
-        return [p for p in cfg.data.prompts if p.strip()]
+        return [p for p in cfg.data.prompts if p.strip()][:cfg.data.max_prompts]
     if teacher_is_toy:
         from .toy.data import CAPTIONS
 
         return list(CAPTIONS)
-    raise ConfigError("data.prompts or data.prompt_file is required for a non-toy teacher")
+    raise ConfigError("data.prompts or data.prompt_source is required for a non-toy teacher")
 
 
 def check_teacher_source(uri: str) -> None:
@@ -61,6 +54,16 @@ def check_teacher_source(uri: str) -> None:
             resolve_model_version(uri)
         except Exception as e:  # mlflow raises RestException / MlflowException with long texts
             raise ConfigError(f"teacher.uri: registered model {uri} not found ({str(e).splitlines()[0]})") from None
+        return
+    if uri.startswith("s3://"):
+        from .sources import s3_client, split_s3_uri
+
+        bucket, prefix = split_s3_uri(uri, "teacher.uri")
+        try:
+            s3_client().head_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/model_index.json".lstrip("/"))
+        except Exception as e:  # botocore: endpoint, credentials, 404
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"teacher.uri: no diffusers pipeline at {uri} (model_index.json: {msg})") from None
         return
     path = Path(uri).expanduser()
     if path.exists():
@@ -239,7 +242,8 @@ def _evaluate_and_export(cfg_json: str, checkpoint, teacher_source: str, trackin
         if not cfg.eval.enabled:
             return out
         if cfg.teacher.uri != "toy":
-            raise ConfigError("eval.enabled: built-in evaluation needs the toy teacher; set --eval.enabled false")
+            out.update(_evaluate_real_teacher(cfg, student, backbone, saved["step"]))
+            return out
         evaluator = DigitEvaluator(cfg.toy.holdout_fraction, cfg.toy.seed)
         teacher = TDMPipeline.from_pretrained(teacher_dir)
         e, K, g = cfg.eval, cfg.student.num_steps, cfg.loss.guidance_scale
@@ -271,6 +275,33 @@ def _evaluate_and_export(cfg_json: str, checkpoint, teacher_source: str, trackin
         mlflow.log_dict(evaluator.info, "eval/classifier.json")
         out.update(rows={k: asdict(v) for k, v in rows.items()}, passed=passed, gate=gate_metrics)
     return out
+
+
+def _evaluate_real_teacher(cfg: TDMConfig, student, backbone, step: int) -> dict:
+    """CLIP score and CLIP-space Frechet distance to the teacher's samples (tdm.clip_eval), logged to the
+    active run: metrics, the table and sample grids. The teacher shares the student's backbone (a LoRA
+    student's base with adapters off), so no second copy is loaded."""
+    import mlflow
+    import pandas as pd
+
+    from .clip_eval import ClipEvaluator, evaluate_real
+    from .pipeline import TDMPipeline, image_grid, teacher_spec
+
+    evaluator = ClipEvaluator(cfg.eval.clip_model, device=next(student.denoiser.parameters()).device)
+    teacher = TDMPipeline(backbone, teacher_spec(backbone, cfg.eval.teacher_steps, cfg.loss.guidance_scale,
+                                                 cfg.teacher.negative_prompt))
+    res = evaluate_real(student, teacher, load_prompts(cfg, False), evaluator, cfg)
+    metrics = dict(res["gate"])
+    for name, r in res["rows"].items():
+        key = name.replace("@", "_k")
+        metrics |= {f"eval/{key}/clip_score": r["clip_score"], f"eval/{key}/fid_vs_teacher": r["fid_vs_teacher"],
+                    f"eval/{key}/latency_ms": r["latency_ms"]}
+        log(f"eval {name}: CLIP score {r['clip_score']:.2f}, FD vs teacher {r['fid_vs_teacher']:.4f}")
+    mlflow.log_metrics(metrics, step=step)
+    mlflow.log_table(pd.DataFrame(list(res["rows"].values())), artifact_file="eval/table.json")
+    for name, imgs in res["grids"].items():
+        mlflow.log_image(image_grid(imgs, nrow=4), artifact_file=f"eval/{name}.png")
+    return {"rows": res["rows"], "passed": res["passed"], "gate": res["gate"]}
 
 
 # ---------------------------------------------------------------- the job
@@ -416,9 +447,14 @@ def _check_resume_config(run, cfg: TDMConfig) -> None:
 def print_summary(summary: dict) -> None:
     """The evaluation table and the registry outcome, for the terminal."""
     rows = summary.get("rows", {})
-    if rows:
+    if rows and "fid" in next(iter(rows.values())):  # the toy's digit-classifier table
         print(f"\n{'sampler':<18}{'NFE':>5}{'FID':>9}{'adherence %':>13}{'ms/image':>10}")
         for name, r in rows.items():
             print(f"{name:<18}{r['nfe']:>5}{r['fid']:>9.2f}{r['adherence']:>13.1f}{r['latency_ms']:>10.2f}")
+    elif rows:  # real teachers: CLIP score and CLIP-space Frechet distance to the teacher's samples
+        print(f"\n{'sampler':<18}{'steps':>6}{'CLIP score':>12}{'FD vs teacher':>15}{'ms/image':>10}")
+        for name, r in rows.items():
+            print(f"{name:<18}{r['steps']:>6}{r['clip_score']:>12.2f}{r['fid_vs_teacher']:>15.4f}"
+                  f"{r['latency_ms']:>10.2f}")
     print(f"\nrun {summary['run_name']} (MLflow run {summary['run_id']}): registered version "
           f"{summary['model_version']}, gate {'passed' if summary['passed'] else 'not passed'}")

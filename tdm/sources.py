@@ -134,8 +134,9 @@ def load_prompts(source: str, column: str = "prompt", field: str = "data.prompt_
 
 
 def prompts_fingerprint(prompts: list[str]) -> str:
-    """A short, stable cache key for a prompt list (order-sensitive)."""
-    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
+    """A short, stable cache key for a prompt list (order-sensitive; JSON, so a prompt containing a
+    newline cannot collide with two prompts)."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode("utf-8")).hexdigest()[:16]
 
 
 def _load_s3_prompts(uri: str, column: str, field: str) -> list[str]:

@@ -143,5 +143,30 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     return path / "pipe"
 
 
+def build_tiny_clip(path: str | Path, seed: int = 0, mean=(0.48145466, 0.4578275, 0.40821073),
+                    std=(0.26862954, 0.26130258, 0.27577711)) -> Path:
+    """A tiny random CLIP (text + vision, 32x32 images) with tokenizer and preprocessor config, for the
+    real-teacher evaluation (eval.clip_model) in tests."""
+    from transformers import CLIPConfig, CLIPModel
+
+    path = Path(path)
+    tokenizer = clip_tokenizer(path / "_tok")
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_normalize": True,
+        "image_mean": list(mean), "image_std": list(std), "do_convert_rgb": True}))
+    return path
+
+
 #: family -> builder of a tiny random-weight pipeline
 TINY_BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sd3": build_tiny_sd3}

@@ -65,7 +65,15 @@ def model_cache_dir() -> Path:
 
 
 def resolve_teacher_dir(source: str, tracking_uri: str | None = None) -> str:
-    """Local directory (or hub id) of a teacher source; registered models are downloaded (cached)."""
+    """Local directory (or hub id) of a teacher source; registered models and s3:// prefixes are
+    downloaded once per node into $TDM_HOME/cache (atomically, so racing workers are safe)."""
+    if source.startswith("s3://"):
+        import hashlib
+
+        from .sources import download_s3_prefix
+
+        key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
+        return str(download_s3_prefix(source, model_cache_dir() / f"s3-{key}", "teacher.uri"))
     if not source.startswith("models:/"):
         return source
     if tracking_uri:

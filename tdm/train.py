@@ -142,6 +142,52 @@ def student_from_state(cfg: TDMConfig, backbone, state: dict):
     return student.eval().requires_grad_(False)
 
 
+def teacher_signature(teacher_dir: str | Path) -> list:
+    """What identifies a teacher's text encoding: its directory and the size/mtime of every text
+    encoder and tokenizer file (a hub id identifies itself)."""
+    root = Path(teacher_dir)
+    if not root.is_dir():
+        return [str(teacher_dir)]
+    files = sorted(f for d in root.iterdir() if d.is_dir() and d.name.startswith(("text_encoder", "tokenizer"))
+                   for f in d.rglob("*") if f.is_file())
+    return [str(root.resolve())] + [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def encode_prompt_set(backbone, prompts: list[str], teacher_dir: str | Path, use_cache: bool = True,
+                      batch_size: int = 64):
+    """Text conditioning (Cond, batch = len(prompts)) of the whole prompt set, encoded once in batches
+    and cached on disk: `$TDM_HOME/cache/embeddings/<teacher+prompts key>.safetensors`, so workers on a
+    node, restarts and later runs with the same teacher and prompts skip the text encoders."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from .backbones import cond_cat
+    from .config import _default_home
+    from .sources import prompts_fingerprint
+
+    device = next(backbone.network.parameters()).device
+    key = hashlib.sha256(json.dumps([backbone.family, teacher_signature(teacher_dir),
+                                     prompts_fingerprint(prompts)]).encode()).hexdigest()[:20]
+    path = _default_home() / "cache" / "embeddings" / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        return {k: v.to(device) for k, v in load_file(str(path)).items()}
+    starts = range(0, len(prompts), batch_size)
+    bar = progress(total=len(prompts), desc="encode prompts") if len(starts) > 1 else None
+    parts = []
+    for i in starts:
+        parts.append(backbone.encode_prompts(prompts[i:i + batch_size]))
+        if bar is not None:
+            bar.update(len(parts[-1][next(iter(parts[-1]))]))
+    cond = cond_cat(*parts)
+    if use_cache:  # atomic publish: concurrent workers on a node write the same bytes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in cond.items()}, str(tmp))
+        os.replace(tmp, path)
+    return cond
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point. loop_config: config (dict), teacher_dir, teacher_source, prompts,
     tracking_uri, run_id."""
@@ -161,10 +207,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # the frozen teacher (and a LoRA base) needs no fp32 master copy: keep it in the autocast dtype on GPU
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32) \
         if device.type == "cuda" else torch.float32
-    backbone = load_backbone(resolve_teacher_dir(loop_config["teacher_source"], loop_config["tracking_uri"]),
-                             device=device, dtype=teacher_dtype)
+    teacher_dir = resolve_teacher_dir(loop_config["teacher_source"], loop_config["tracking_uri"])
+    backbone = load_backbone(teacher_dir, device=device, dtype=teacher_dtype)
     prompts = loop_config["prompts"]
-    cond_all = backbone.encode_prompts(prompts)
+    cond_all = encode_prompt_set(backbone, prompts, teacher_dir, cfg.data.embedding_cache)
     uncond_one = backbone.encode_prompts([cfg.teacher.negative_prompt])
     torch.manual_seed(cfg.train.seed)
     teacher, state = build_roles(cfg, backbone)

@@ -24,13 +24,17 @@ def run_distill(tmp_path, *args):
     (["--student.num_steps", "50"], "margin"),
     (["--optim.lr_student", "-0.001"], "optim.lr_student"),
     (["--data.prompts", "[]"], "data.prompts is empty"),
-    (["--teacher.uri", "/nonexistent/teacher"], "teacher.uri: path does not exist"),
-    (["--teacher.uri", "./relative/missing"], "teacher.uri: path does not exist"),
-    (["--teacher.uri", "models:/no-such-model@champion", "--data.prompts", "a"], "teacher.uri: registered model"),
-    (["--data.prompt_file", "/nonexistent/prompts.txt"], "data.prompt_file"),
+    (["--teacher.uri", "/nonexistent/teacher", "--eval.enabled", "false"], "teacher.uri: path does not exist"),
+    (["--teacher.uri", "./relative/missing", "--eval.enabled", "false"], "teacher.uri: path does not exist"),
+    (["--teacher.uri", "models:/no-such-model@champion", "--data.prompts", "a", "--eval.enabled", "false"],
+     "teacher.uri: registered model"),
+    (["--teacher.uri", "s3://tdm-test/no/teacher", "--data.prompts", "a", "--eval.enabled", "false"],
+     "teacher.uri: no diffusers pipeline at s3://tdm-test/no/teacher"),
+    (["--teacher.uri", "/nonexistent/teacher", "--data.prompts", "a"], "eval.clip_model is required"),
+    (["--data.prompt_source", "/nonexistent/prompts.txt"], "data.prompt_source"),
     (["--train.num_workers", "3", "--train.batch_size", "64"], "train.batch_size"),
 ])
-def test_bad_input_fails_fast_with_one_line(tmp_path, args, field):
+def test_bad_input_fails_fast_with_one_line(tmp_path, s3_server, args, field):
     proc = run_distill(tmp_path, *args)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
@@ -48,12 +52,12 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, field):
 def test_empty_prompt_file(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("\n  \n")
-    proc = run_distill(tmp_path, "--data.prompt_file", str(f))
+    proc = run_distill(tmp_path, "--data.prompt_source", str(f))
     assert proc.returncode == 2 and "contains no prompts" in proc.stderr
 
 
 def test_teacher_directory_without_model_index(tmp_path):
-    proc = run_distill(tmp_path, "--teacher.uri", str(tmp_path), "--data.prompts", "a cat")
+    proc = run_distill(tmp_path, "--teacher.uri", str(tmp_path), "--data.prompts", "a cat", "--eval.enabled", "false")
     assert proc.returncode == 2 and "not a diffusers pipeline directory" in proc.stderr
 
 

@@ -1,5 +1,4 @@
 """CLIP-space evaluation on a tiny random CLIP built from a config (no downloads)."""
-import json
 import math
 
 import pytest
@@ -13,27 +12,9 @@ STD = [0.2, 0.25, 0.3]
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
+    from tdm.testing import build_tiny_clip
 
-    from tdm.testing import clip_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_clip")
-    tokenizer = clip_tokenizer(path / "_tok")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
-        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_normalize": True,
-        "image_mean": MEAN, "image_std": STD, "do_convert_rgb": True}))
-    return path
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), mean=MEAN, std=STD)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def _student_version(tmp_path, seed, tiny_toy_dir):
 
     from tdm.backbones import load_backbone
     from tdm.pipeline import TDMPipeline
-    from tdm.tracking import log_pipeline_model, register, use_tracking_uri
+    from tdm.tracking import get_or_create_experiment, log_pipeline_model, register, use_tracking_uri
 
     use_tracking_uri()
     b = load_backbone(tiny_toy_dir)
@@ -39,7 +39,8 @@ def _student_version(tmp_path, seed, tiny_toy_dir):
             "prediction_type": "epsilon"}
     out = tmp_path / f"student{seed}"
     TDMPipeline(b, spec, denoiser=student).save_pretrained(out)
-    with mlflow.start_run(run_name=f"serve-fixture-{seed}"):
+    # the tdm experiment keeps artifacts in $TDM_HOME (MLflow's Default experiment would use ./mlruns)
+    with mlflow.start_run(run_name=f"serve-fixture-{seed}", experiment_id=get_or_create_experiment("tdm")):
         info = log_pipeline_model(out, spec)
     return register(info.model_uri, MODEL, {"kind": "student"})
 
