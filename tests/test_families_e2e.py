@@ -20,15 +20,23 @@ CASES = {"sd15": "lora", "sdxl": "full", "pixart": "lora", "sd3": "lora"}
 
 
 @pytest.fixture(scope="module")
-def family_assets(tmp_path_factory):
+def family_assets(tmp_path_factory, s3_server):
+    import boto3
+
     from tdm.testing import TINY_BUILDERS, build_tiny_clip
 
     root = tmp_path_factory.mktemp("fam")
     prompts = root / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"caption": p}) for p in
                                  ["a red cat", "a blue dog", "a green tree", "a small house"]))
-    return {"dirs": {f: TINY_BUILDERS[f](root / f) for f in CASES}, "clip": build_tiny_clip(root / "clip"),
-            "prompts": prompts}
+    dirs = {f: TINY_BUILDERS[f](root / f) for f in CASES}
+    # the SD 1.5 teacher is read from the S3-compatible server, like a teacher kept in a bucket
+    s3 = boto3.client("s3")
+    for f in dirs["sd15"].rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), "tdm-test", f"teachers/sd15/{f.relative_to(dirs['sd15'])}")
+    uris = {f: str(d) for f, d in dirs.items()} | {"sd15": "s3://tdm-test/teachers/sd15"}
+    return {"dirs": dirs, "uris": uris, "clip": build_tiny_clip(root / "clip"), "prompts": prompts}
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -44,7 +52,7 @@ def test_family_distills_exports_and_reloads_in_stock_diffusers(ray_cluster, tdm
     from tdm.tracking import download_model, use_tracking_uri
 
     name = f"tdm-{family}"
-    args = ["--name", f"fam-{family}", "--teacher.uri", str(family_assets["dirs"][family]),
+    args = ["--name", f"fam-{family}", "--teacher.uri", family_assets["uris"][family],
             "--data.prompt_source", str(family_assets["prompts"]), "--data.prompt_column", "caption",
             "--student.finetune", CASES[family], "--student.lora_rank", "4",
             "--train.max_steps", "3", "--train.batch_size", "4", "--train.num_workers", "2",

@@ -112,13 +112,23 @@ class SDXLBackbone(StockPipelineBackbone):
                                       "time_ids": cond["time_ids"].to(dtype)}).sample
 
 
-class PixArtBackbone(StockPipelineBackbone):
+class DiTBackbone(StockPipelineBackbone):
+    """Transformer denoisers: the timestep embedding is as wide as the attention (heads x head dim)."""
+
+    denoiser_name = "transformer"
+    lora_targets = TRANSFORMER_LORA_TARGETS
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        c = self.network.config
+        self.time_embed_dim = c.num_attention_heads * c.attention_head_dim
+
+
+class PixArtBackbone(DiTBackbone):
     """PixArt-alpha / sigma: DiT with T5 conditioning; a learned-sigma output keeps its first half."""
 
     family = "pixart"
-    denoiser_name = "transformer"
     time_embedding_name = "adaln_single.emb"
-    lora_targets = TRANSFORMER_LORA_TARGETS
     #: T5 tokens per prompt, as the stock pipelines (alpha: 120)
     max_sequence_length = 120
 
@@ -127,11 +137,6 @@ class PixArtBackbone(StockPipelineBackbone):
         # caption cleaning and resolution binning would change what the stock pipeline computes
         return {"clean_caption": False, "use_resolution_binning": False,
                 "max_sequence_length": self.max_sequence_length}
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        c = self.network.config
-        self.time_embed_dim = c.num_attention_heads * c.attention_head_dim
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
@@ -155,11 +160,10 @@ class PixArtBackbone(StockPipelineBackbone):
         return out
 
 
-class SD3Backbone(StockPipelineBackbone):
+class SD3Backbone(DiTBackbone):
     """Stable Diffusion 3: MMDiT, two CLIP + T5 encoders, rectified flow with shift."""
 
     family = "sd3"
-    denoiser_name = "transformer"
     time_embedding_name = "time_text_embed"
     lora_targets = TRANSFORMER_LORA_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                                                "ff_context.net.0.proj", "ff_context.net.2")
@@ -168,11 +172,6 @@ class SD3Backbone(StockPipelineBackbone):
     @property
     def stock_call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        c = self.network.config
-        self.time_embed_dim = c.num_attention_heads * c.attention_head_dim
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
