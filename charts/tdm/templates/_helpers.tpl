@@ -1,0 +1,509 @@
+{{/* ------------------------------------------------------------------ names and labels */}}
+
+{{- define "tdm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tdm.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tdm.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tdm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tdm.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tdm.labels" -}}
+helm.sh/chart: {{ include "tdm.chart" . }}
+{{ include "tdm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tdm
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "tdm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tdm.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* KubeRay appends suffixes to RayJob/RayService names (RayCluster "<name>-<5 chars>",
+     "<cluster>-head-svc", "<name>-serve-svc"), so it rejects names over 47 characters. */}}
+{{- define "tdm.checkRayName" -}}
+{{- $name := index . 0 -}}{{- $kind := index . 1 -}}{{- $value := index . 2 -}}
+{{- if gt (len $name) 47 -}}
+{{- fail (printf "%s name %q is %d characters; KubeRay allows at most 47: set %s, nameOverride or fullnameOverride shorter" $kind $name (len $name) $value) -}}
+{{- end -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) -}}
+{{- fail (printf "%s name %q is not a DNS-1035 label (lowercase letters, digits and '-', starting with a letter): set %s" $kind $name $value) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tdm.distill.jobName" -}}
+{{- default (printf "%s-distill" (include "tdm.fullname" .)) .Values.distill.jobName -}}
+{{- end -}}
+
+{{- define "tdm.distill.runName" -}}
+{{- default (include "tdm.distill.jobName" .) .Values.distill.runName -}}
+{{- end -}}
+
+{{- define "tdm.serve.name" -}}
+{{- default (printf "%s-serve" (include "tdm.fullname" .)) .Values.serve.name -}}
+{{- end -}}
+
+{{- define "tdm.mlflow.fullname" -}}
+{{- printf "%s-mlflow" (include "tdm.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tdm.runs.claimName" -}}
+{{- default (printf "%s-runs" (include "tdm.fullname" .)) .Values.distill.storage.pvc.existingClaim -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ images */}}
+
+{{- define "tdm.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "tdm.gpuImage" -}}
+{{- printf "%s:%s" .Values.gpuImage.repository (default .Chart.AppVersion .Values.gpuImage.tag) -}}
+{{- end -}}
+
+{{- define "tdm.mlflow.image" -}}
+{{- if .Values.mlflow.image.repository -}}
+{{- printf "%s:%s" .Values.mlflow.image.repository (default .Chart.AppVersion .Values.mlflow.image.tag) -}}
+{{- else -}}
+{{- include "tdm.image" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ MLflow / S3 */}}
+
+{{- define "tdm.mlflow.trackingUri" -}}
+{{- if .Values.mlflow.enabled -}}
+{{- printf "http://%s.%s.svc:%d" (include "tdm.mlflow.fullname" .) .Release.Namespace (int .Values.mlflow.port) -}}
+{{- else -}}
+{{- .Values.mlflow.externalUri -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The port of s3.endpointUrl, or "" when it has none. */}}
+{{- define "tdm.s3.endpointPort" -}}
+{{- if .Values.s3.endpointUrl -}}
+{{- $host := (urlParse .Values.s3.endpointUrl).host -}}
+{{- if contains ":" $host -}}{{- last (splitList ":" $host) -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* NAME=the S3 endpoint: from the credentials Secret when endpointUrlKey is set, else s3.endpointUrl. */}}
+{{- define "tdm.s3.endpointEnv" -}}
+{{- $s3 := (index . 0).Values.s3 -}}
+{{- if $s3.credentialsSecret.endpointUrlKey }}
+- name: {{ index . 1 }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3.credentialsSecret.name }}
+      key: {{ $s3.credentialsSecret.endpointUrlKey }}
+{{- else if $s3.endpointUrl }}
+- name: {{ index . 1 }}
+  value: {{ $s3.endpointUrl | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* AWS_* variables for pyarrow/boto3 (and MLflow's S3 client). Credentials only by secretKeyRef. */}}
+{{- define "tdm.s3.env" -}}
+{{- $s3 := .Values.s3 -}}
+- name: AWS_DEFAULT_REGION
+  value: {{ $s3.region | quote }}
+{{- include "tdm.s3.endpointEnv" (list . "AWS_ENDPOINT_URL") }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3.credentialsSecret.name }}
+      key: {{ $s3.credentialsSecret.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3.credentialsSecret.name }}
+      key: {{ $s3.credentialsSecret.secretAccessKeyKey }}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ security */}}
+
+{{- define "tdm.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ int .Values.securityContext.runAsUser }}
+runAsGroup: {{ int .Values.securityContext.runAsGroup }}
+fsGroup: {{ int .Values.securityContext.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "tdm.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ int .Values.securityContext.runAsUser }}
+allowPrivilegeEscalation: false
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ distill command line */}}
+
+{{/* A shell word: bare when it is made of safe characters, else single-quoted. */}}
+{{- define "tdm.shellword" -}}
+{{- $s := toString . -}}
+{{- if regexMatch "^[A-Za-z0-9_./:@%+=,-]+$" $s -}}
+{{- $s -}}
+{{- else -}}
+{{- printf "'%s'" (replace "'" "'\"'\"'" $s) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A flag value: lists become a,b,c; numbers and booleans their plain form. */}}
+{{- define "tdm.flagValue" -}}
+{{- if kindIs "slice" . -}}
+{{- $parts := list -}}
+{{- range . }}{{- $parts = append $parts (include "tdm.flagValue" .) -}}{{- end -}}
+{{- join "," $parts -}}
+{{- else if kindIs "float64" . -}}
+{{- if eq . (floor .) -}}{{- printf "%d" (int64 .) -}}{{- else -}}{{- toString . -}}{{- end -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tdm.distill.storagePath" -}}
+{{- $st := .Values.distill.storage -}}
+{{- if eq $st.type "s3" -}}
+{{- printf "s3://%s/%s" .Values.s3.bucket (trimAll "/" $st.s3Prefix) | trimSuffix "/" -}}
+{{- else -}}
+{{- printf "%s/runs" (trimSuffix "/" $st.pvc.mountPath) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [[flag, value], ...] of pipelines/distill.py, in a fixed order. */}}
+{{- define "tdm.distill.flags" -}}
+{{- $d := .Values.distill -}}
+{{- $f := list -}}
+{{- $f = append $f (list "name" (include "tdm.distill.runName" .)) -}}
+{{- $f = append $f (list "teacher.uri" $d.teacher.uri) -}}
+{{- if $d.prompts.source -}}
+{{- $f = append $f (list "data.prompt_source" $d.prompts.source) -}}
+{{- $f = append $f (list "data.prompt_column" $d.prompts.column) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $d.prompts.maxPrompts) -}}
+{{- $f = append $f (list "data.max_prompts" $d.prompts.maxPrompts) -}}
+{{- end -}}
+{{- $f = append $f (list "student.finetune" $d.student.finetune) -}}
+{{- $f = append $f (list "student.num_steps" $d.student.numSteps) -}}
+{{- if $d.student.stepSet -}}
+{{- $f = append $f (list "student.step_set" $d.student.stepSet) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $d.loss.guidanceScale) -}}
+{{- $f = append $f (list "loss.guidance_scale" $d.loss.guidanceScale) -}}
+{{- end -}}
+{{- $t := $d.train -}}
+{{- $f = append $f (list "train.max_steps" $t.maxSteps) -}}
+{{- $f = append $f (list "train.batch_size" $t.batchSize) -}}
+{{- $f = append $f (list "train.grad_accum_steps" $t.gradAccumSteps) -}}
+{{- $f = append $f (list "train.num_workers" $t.numWorkers) -}}
+{{- $f = append $f (list "train.use_gpu" $t.useGpu) -}}
+{{- $f = append $f (list "train.mixed_precision" $t.mixedPrecision) -}}
+{{- $f = append $f (list "train.gradient_checkpointing" $t.gradientCheckpointing) -}}
+{{- if not (kindIs "invalid" $t.cpusPerWorker) -}}
+{{- $f = append $f (list "train.cpus_per_worker" $t.cpusPerWorker) -}}
+{{- end -}}
+{{- $f = append $f (list "train.max_failures" $t.maxFailures) -}}
+{{- $f = append $f (list "train.checkpoint_every" $t.checkpointEvery) -}}
+{{- $f = append $f (list "train.keep_checkpoints" $t.keepCheckpoints) -}}
+{{- $f = append $f (list "train.storage_path" (include "tdm.distill.storagePath" .)) -}}
+{{- $f = append $f (list "eval.enabled" $d.eval.enabled) -}}
+{{- if $d.eval.clipModel -}}
+{{- $f = append $f (list "eval.clip_model" $d.eval.clipModel) -}}
+{{- end -}}
+{{- $f = append $f (list "registry.experiment" $d.registry.experiment) -}}
+{{- $f = append $f (list "registry.model_name" $d.registry.modelName) -}}
+{{- $f = append $f (list "registry.alias" $d.registry.alias) -}}
+{{- range $k := keys $d.extraArgs | sortAlpha -}}
+{{- $f = append $f (list $k (index $d.extraArgs $k)) -}}
+{{- end -}}
+{{- toJson $f -}}
+{{- end -}}
+
+{{- define "tdm.distill.entrypoint" -}}
+{{- $words := list "python" "pipelines/distill.py" -}}
+{{- range $pair := include "tdm.distill.flags" . | fromJsonArray -}}
+{{- $words = append $words (printf "--%s" (index $pair 0)) -}}
+{{- $words = append $words (include "tdm.shellword" (include "tdm.flagValue" (index $pair 1))) -}}
+{{- end -}}
+{{- join " " $words -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ serve config */}}
+
+{{/* The Serve config of serveConfigV2: the structure tdm.serve.serve_config(args, name, route_prefix,
+     working_dir) builds, plus applications[0].deployments for autoscaling. */}}
+{{- define "tdm.serve.config" -}}
+{{- $s := .Values.serve -}}
+{{- $factors := list -}}
+{{- range $s.upscaleFactors }}{{- $factors = append $factors (int .) -}}{{- end -}}
+{{- $args := dict
+    "model_uri" (printf "models:/%s@%s" $s.modelName $s.modelAlias)
+    "tracking_uri" (include "tdm.mlflow.trackingUri" .)
+    "poll_interval_s" $s.pollIntervalS
+    "max_batch_size" (int $s.maxBatchSize)
+    "batch_wait_timeout_s" $s.batchWaitTimeoutS
+    "max_images_per_request" (int $s.maxImagesPerRequest)
+    "max_prompt_chars" (int $s.maxPromptChars)
+    "upscale_factors" $factors
+    "num_gpus" $s.gpusPerReplica
+    "num_cpus" $s.cpusPerReplica
+    "max_ongoing_requests" (int $s.maxOngoingRequests)
+    "max_queued_requests" (int $s.maxQueuedRequests) -}}
+{{- if not $s.autoscaling.enabled -}}
+{{- $_ := set $args "num_replicas" (int $s.numReplicas) -}}
+{{- end -}}
+{{- $app := dict "name" $s.appName "route_prefix" $s.routePrefix "import_path" "tdm.serve:build_app" "args" $args -}}
+{{- if $s.workingDir -}}
+{{- $_ := set $app "runtime_env" (dict "working_dir" $s.workingDir) -}}
+{{- end -}}
+{{- if $s.autoscaling.enabled -}}
+{{- $a := $s.autoscaling -}}
+{{- $_ := set $app "deployments" (list (dict "name" "TDMGenerator" "autoscaling_config" (dict
+      "min_replicas" (int $a.minReplicas)
+      "max_replicas" (int $a.maxReplicas)
+      "target_ongoing_requests" $a.targetOngoingRequests))) -}}
+{{- end -}}
+{{- toYaml (dict "applications" (list $app)) -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ Ray cluster spec */}}
+
+{{/* A RayClusterSpec. Arguments (dict):
+     root       the top-level context
+     component  "distill" or "serve" (pod label app.kubernetes.io/component: ray-<component>)
+     cfg        .Values.distill or .Values.serve (head, workers, env)
+     gpus       GPUs per worker pod (0 = CPU)
+     replicas, minReplicas, maxReplicas   of the worker group
+     autoscaling  KubeRay in-tree autoscaler
+     env        extra EnvVar list for every Ray container
+     volumes, volumeMounts  extra ones for every Ray pod
+     ports      extra container ports (list of ContainerPort) for every Ray container */}}
+{{- define "tdm.rayClusterSpec" -}}
+{{- $root := .root -}}
+{{- $cfg := .cfg -}}
+{{- $gpus := .gpus -}}
+{{- $image := ternary (include "tdm.gpuImage" $root) (include "tdm.image" $root) (gt (float64 $gpus) 0.0) -}}
+{{- $labels := merge (dict "app.kubernetes.io/component" (printf "ray-%s" .component)) (fromYaml (include "tdm.selectorLabels" $root)) -}}
+{{- $volumes := concat (list (dict "name" "dshm" "emptyDir" (dict "medium" "Memory" "sizeLimit" $root.Values.ray.shmSize))) .volumes -}}
+{{- $mounts := concat (list (dict "name" "dshm" "mountPath" "/dev/shm")) .volumeMounts -}}
+{{- $env := concat .env $cfg.env -}}
+{{- $workerResources := deepCopy (default dict $cfg.workers.resources) -}}
+{{- $nodeSelector := $cfg.workers.nodeSelector -}}
+{{- $tolerations := $cfg.workers.tolerations -}}
+{{- if gt (float64 $gpus) 0.0 -}}
+{{- $gpuKey := $root.Values.ray.gpuResourceName -}}
+{{- $limits := deepCopy (default dict $workerResources.limits) -}}
+{{- $requests := deepCopy (default dict $workerResources.requests) -}}
+{{- $_ := set $limits $gpuKey (int (ceil $gpus)) -}}
+{{- $_ := set $requests $gpuKey (int (ceil $gpus)) -}}
+{{- $_ := set $workerResources "limits" $limits -}}
+{{- $_ := set $workerResources "requests" $requests -}}
+{{- $nodeSelector = merge (deepCopy $cfg.workers.gpuNodeSelector) $cfg.workers.nodeSelector -}}
+{{- $tolerations = concat $cfg.workers.tolerations $cfg.workers.gpuTolerations -}}
+{{- end -}}
+rayVersion: {{ $root.Values.ray.version | quote }}
+{{- with $root.Values.ray.authMode }}
+authOptions:
+  mode: {{ . }}
+{{- end }}
+enableInTreeAutoscaling: {{ .autoscaling }}
+{{- if .autoscaling }}
+autoscalerOptions:
+  upscalingMode: Default
+  idleTimeoutSeconds: {{ int .idleTimeoutSeconds }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  securityContext:
+    {{- include "tdm.containerSecurityContext" $root | nindent 4 }}
+  resources:
+    requests: {cpu: 200m, memory: 256Mi}
+    limits: {cpu: 500m, memory: 512Mi}
+{{- end }}
+headGroupSpec:
+  rayStartParams:
+    {{- range $k, $v := mergeOverwrite (dict "dashboard-host" "0.0.0.0" "num-cpus" "0") $cfg.head.rayStartParams }}
+    {{ $k }}: {{ toString $v | quote }}
+    {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- toYaml $labels | nindent 8 }}
+    spec:
+      serviceAccountName: {{ include "tdm.serviceAccountName" $root }}
+      # The in-tree autoscaler sidecar needs the API token; nothing else in the pod does.
+      automountServiceAccountToken: {{ .autoscaling }}
+      securityContext:
+        {{- include "tdm.podSecurityContext" $root | nindent 8 }}
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $cfg.head.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $cfg.head.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $cfg.head.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: ray-head
+          image: {{ $image }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          securityContext:
+            {{- include "tdm.containerSecurityContext" $root | nindent 12 }}
+          ports:
+            - {containerPort: 6379, name: gcs-server}
+            - {containerPort: 8265, name: dashboard}
+            - {containerPort: 10001, name: client}
+            - {containerPort: 8080, name: metrics}
+            {{- with .ports }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          {{- with $env }}
+          env:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          resources:
+            {{- toYaml $cfg.head.resources | nindent 12 }}
+          volumeMounts:
+            {{- toYaml $mounts | nindent 12 }}
+      volumes:
+        {{- toYaml $volumes | nindent 8 }}
+workerGroupSpecs:
+  - groupName: {{ ternary "gpu-workers" "cpu-workers" (gt (float64 $gpus) 0.0) }}
+    replicas: {{ int .replicas }}
+    minReplicas: {{ int .minReplicas }}
+    maxReplicas: {{ int .maxReplicas }}
+    {{- with $cfg.workers.rayStartParams }}
+    rayStartParams:
+      {{- range $k, $v := . }}
+      {{ $k }}: {{ toString $v | quote }}
+      {{- end }}
+    {{- end }}
+    template:
+      metadata:
+        labels:
+          {{- toYaml $labels | nindent 10 }}
+      spec:
+        serviceAccountName: {{ include "tdm.serviceAccountName" $root }}
+        automountServiceAccountToken: false
+        securityContext:
+          {{- include "tdm.podSecurityContext" $root | nindent 10 }}
+        {{- with $root.Values.imagePullSecrets }}
+        imagePullSecrets:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        {{- with $nodeSelector }}
+        nodeSelector:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        {{- with $tolerations }}
+        tolerations:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        {{- with $cfg.workers.affinity }}
+        affinity:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        containers:
+          - name: ray-worker
+            image: {{ $image }}
+            imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+            securityContext:
+              {{- include "tdm.containerSecurityContext" $root | nindent 14 }}
+            ports:
+              - {containerPort: 8080, name: metrics}
+              {{- with .ports }}
+              {{- toYaml . | nindent 14 }}
+              {{- end }}
+            {{- with $env }}
+            env:
+              {{- toYaml . | nindent 14 }}
+            {{- end }}
+            resources:
+              {{- toYaml $workerResources | nindent 14 }}
+            volumeMounts:
+              {{- toYaml $mounts | nindent 14 }}
+        volumes:
+          {{- toYaml $volumes | nindent 10 }}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ cross-field checks */}}
+
+{{/* Rules the values schema cannot express. Each names the value to change. */}}
+{{- define "tdm.validate" -}}
+{{- $v := .Values -}}
+{{- if $v.distill.enabled -}}
+{{- include "tdm.checkRayName" (list (include "tdm.distill.jobName" .) "RayJob" "distill.jobName") -}}
+{{- $t := $v.distill.train -}}
+{{- if and $t.useGpu (not $v.gpuImage.repository) -}}
+{{- fail "distill.train.useGpu is true but gpuImage.repository is empty: GPU workers need a CUDA build of the tdm image (set gpuImage.repository)" -}}
+{{- end -}}
+{{- if and (ne $t.mixedPrecision "no") (not $t.useGpu) -}}
+{{- fail (printf "distill.train.mixedPrecision=%s needs distill.train.useGpu=true (CPU runs in fp32)" $t.mixedPrecision) -}}
+{{- end -}}
+{{- $split := mul (int $t.numWorkers) (int $t.gradAccumSteps) -}}
+{{- if ne (mod (int $t.batchSize) $split) 0 -}}
+{{- fail (printf "distill.train.batchSize (%d) must be divisible by distill.train.numWorkers x distill.train.gradAccumSteps (%d x %d)" (int $t.batchSize) (int $t.numWorkers) (int $t.gradAccumSteps)) -}}
+{{- end -}}
+{{- if and $v.distill.eval.enabled (ne $v.distill.teacher.uri "toy") (not $v.distill.eval.clipModel) -}}
+{{- fail "distill.eval.clipModel is required to evaluate a non-toy teacher (a CLIP hub id or directory), or set distill.eval.enabled=false" -}}
+{{- end -}}
+{{- range $uri := list $v.distill.teacher.uri $v.distill.prompts.source $v.distill.eval.clipModel -}}
+{{- if and (hasPrefix "s3://" $uri) (not $v.s3.credentialsSecret.name) -}}
+{{- fail (printf "%s is on S3 but s3.credentialsSecret.name is empty: name the Secret with the S3 credentials" $uri) -}}
+{{- end -}}
+{{- end -}}
+{{- range $k, $_ := $v.distill.extraArgs -}}
+{{- if has $k (list "name" "train.storage_path" "train.ray_address") -}}
+{{- fail (printf "distill.extraArgs.%s is set by the chart; use the dedicated value instead" $k) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.serve.enabled -}}
+{{- include "tdm.checkRayName" (list (include "tdm.serve.name" .) "RayService" "serve.name") -}}
+{{- if and (gt (float64 $v.serve.gpusPerReplica) 0.0) (not $v.gpuImage.repository) -}}
+{{- fail (printf "serve.gpusPerReplica is %v but gpuImage.repository is empty: GPU workers need a CUDA build of the tdm image (set gpuImage.repository)" $v.serve.gpusPerReplica) -}}
+{{- end -}}
+{{- $a := $v.serve.autoscaling -}}
+{{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- fail (printf "serve.autoscaling.minReplicas (%d) must not exceed serve.autoscaling.maxReplicas (%d)" (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

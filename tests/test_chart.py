@@ -1,0 +1,614 @@
+"""The Helm chart charts/tdm, offline: rendered by Helm's own template engine (helm-python-sdk binds
+the Helm v4 Go SDK; no helm binary, no cluster), every object validated (kubernetes-validate, strict,
+for built-in kinds; the KubeRay v1.7 CRD schemas, made strict, for ray.io kinds; KubeRay controller
+rules the schemas do not carry), the values mapped onto `pipelines/distill.py` flags and onto the
+Serve config that `tdm.serve.serve_config` builds, and bad values rejected with a clear message."""
+import copy
+import functools
+import re
+import shlex
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "tdm"
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+K8S_VERSION = "1.33"
+RELEASE, NAMESPACE = "tdm", "ml"
+RAY_NAME_MAX = 47            # KubeRay validation.go: RayJob / RayService names
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+BUILD_APP_EXTRAS = {"num_replicas", "num_gpus", "num_cpus", "max_ongoing_requests", "max_queued_requests"}
+
+GPU_IMAGE = {"repository": "registry.example.com/tdm-cuda", "tag": "0.1.0-cu128"}
+
+#: Value sets rendered and checked by every test below.
+SCENARIOS = {
+    "default": {},
+    "gpu": {
+        "gpuImage": GPU_IMAGE,
+        "distill": {
+            "teacher": {"uri": "stabilityai/stable-diffusion-xl-base-1.0"},
+            "student": {"finetune": "lora", "stepSet": [1, 2, 4]},
+            "loss": {"guidanceScale": 8},
+            "train": {"useGpu": True, "numWorkers": 4, "batchSize": 64, "mixedPrecision": "bf16",
+                      "gradientCheckpointing": True, "maxSteps": 500},
+            "eval": {"clipModel": "openai/clip-vit-large-patch14"},
+            "registry": {"modelName": "sdxl-tdm"},
+            "workers": {"gpuNodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}},
+        },
+        "serve": {"modelName": "sdxl-tdm", "gpusPerReplica": 1, "numReplicas": 2, "cpusPerReplica": 4},
+    },
+    "s3": {
+        "s3": {"bucket": "tdm-data", "endpointUrl": "http://minio.minio.svc:9000",
+               "credentialsSecret": {"name": "minio-creds", "accessKeyIdKey": "accesskey",
+                                     "secretAccessKeyKey": "secretkey"}},
+        "distill": {
+            "runName": "sd15-tdm-v1",
+            "teacher": {"uri": "s3://tdm-data/teachers/sd15/"},
+            "prompts": {"source": "s3://tdm-data/prompts/coco.parquet", "column": "caption", "maxPrompts": 5000},
+            "eval": {"enabled": False},
+            "storage": {"type": "s3", "s3Prefix": "/tdm/checkpoints/"},
+            "extraArgs": {"optim.lr_student": 2e-6, "data.embedding_cache": False},
+        },
+    },
+    "external_mlflow": {
+        "mlflow": {"enabled": False, "externalUri": "https://mlflow.example.com"},
+        "distill": {"jobName": "distill-nightly", "train": {"numWorkers": 2}},
+        "serve": {"name": "tdm-images", "modelAlias": "candidate", "pollIntervalS": 30},
+    },
+    "autoscaling": {
+        "serve": {"autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 6,
+                                  "targetOngoingRequests": 3},
+                  "workingDir": "s3://tdm/code/tdm-0.1.0.zip", "maxBatchSize": 16, "maxQueuedRequests": -1,
+                  "upscaleFactors": [1, 4], "upgradeStrategy": "None"},
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chart():
+    c = helm.Chart.load(CHART)
+    yield c
+    c.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def values_of(scenario: str) -> dict:
+    """The values a scenario renders with (chart defaults + the scenario's overrides)."""
+    return deep_merge(_defaults(), SCENARIOS[scenario])
+
+
+_rendered: dict = {}
+
+
+def render(chart, scenario: str) -> dict[str, str]:
+    if scenario not in _rendered:
+        _rendered[scenario] = chart.render(SCENARIOS[scenario], name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return _rendered[scenario]
+
+
+def objects(chart, scenario: str) -> list[dict]:
+    out = []
+    for path, text in sorted(render(chart, scenario).items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        out.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return out
+
+
+def one(objs: list[dict], kind: str) -> dict:
+    found = [o for o in objs if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def pod_specs(objs: list[dict]):
+    """(where, pod spec) for every pod the release creates, directly or through KubeRay."""
+    for o in objs:
+        spec = o.get("spec", {})
+        if o["kind"] == "Deployment":
+            yield f"Deployment/{o['metadata']['name']}", spec["template"]["spec"]
+        elif o["kind"] in ("RayJob", "RayService"):
+            cluster = spec["rayClusterSpec"] if o["kind"] == "RayJob" else spec["rayClusterConfig"]
+            yield f"{o['kind']} head", cluster["headGroupSpec"]["template"]["spec"]
+            for group in cluster["workerGroupSpecs"]:
+                yield f"{o['kind']} worker group {group['groupName']}", group["template"]["spec"]
+            if "submitterPodTemplate" in spec:
+                yield f"{o['kind']} submitter", spec["submitterPodTemplate"]["spec"]
+
+
+def distill_argv(rayjob: dict) -> list[str]:
+    entry = rayjob["spec"]["entrypoint"]
+    assert entry.startswith("python pipelines/distill.py"), entry
+    argv = shlex.split(entry)
+    assert argv[:2] == ["python", "pipelines/distill.py"]
+    return argv[2:]
+
+
+# -------------------------------------------------------------------- KubeRay CRD schemas (strict)
+
+def _strict(node):
+    """openAPIV3Schema -> a JSON schema that rejects unknown fields (see shared/kuberay-crds/README.md)."""
+    if isinstance(node, list):
+        return [_strict(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items()}
+    if out.pop("x-kubernetes-int-or-string", False):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields") \
+            and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def kuberay_rules(obj: dict) -> list[str]:
+    """Controller rules (ray-operator/controllers/ray/utils/validation.go) the CRD schema lacks."""
+    errors, name, spec = [], obj["metadata"]["name"], obj["spec"]
+    if len(name) > RAY_NAME_MAX or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        errors.append(f"name {name!r}: not a DNS-1035 label of at most {RAY_NAME_MAX} characters")
+    if obj["kind"] == "RayJob":
+        if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
+            errors.append("ttlSecondsAfterFinished > 0 needs shutdownAfterJobFinishes")
+        if spec.get("shutdownAfterJobFinishes") and spec.get("deletionStrategy", {}).get("deletionRules"):
+            errors.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
+        if spec.get("submissionMode", "K8sJobMode") not in SUBMISSION_MODES:
+            errors.append(f"submissionMode {spec.get('submissionMode')!r}")
+        if ("rayClusterSpec" in spec) == ("clusterSelector" in spec):
+            errors.append("exactly one of rayClusterSpec and clusterSelector")
+        if spec.get("backoffLimit") and spec.get("submissionMode") == "InteractiveMode":
+            errors.append("backoffLimit is incompatible with InteractiveMode")
+        if "submitterPodTemplate" in spec and spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+            errors.append("submitterPodTemplate only applies to K8sJobMode")
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig")
+    for group in cluster["workerGroupSpecs"]:
+        if not group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]:
+            errors.append(f"worker group {group['groupName']}: replicas outside [minReplicas, maxReplicas]")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------- the tests
+
+@pytest.mark.parametrize("scenario", [None, *SCENARIOS])
+def test_helm_lint_is_clean(scenario):
+    report = helm.lint(CHART, SCENARIOS[scenario] if scenario else None, strict=True, namespace=NAMESPACE)
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == []
+    # severity 1 = INFO ("icon is recommended" is the only one we accept)
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_object_validates(chart, scenario):
+    objs = objects(chart, scenario)
+    kinds = sorted(o["kind"] for o in objs)
+    assert {"RayJob", "RayService", "ServiceAccount", "NetworkPolicy"} <= set(kinds)
+    assert ("Deployment" in kinds) == values_of(scenario)["mlflow"]["enabled"]
+    for obj in objs:
+        assert obj["apiVersion"] and obj["metadata"]["name"]
+        if obj["apiVersion"].startswith("ray.io/"):
+            assert obj["apiVersion"] == "ray.io/v1"
+            errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                      for e in crd_validator(obj["kind"]).iter_errors(obj)]
+            assert errors == [], f"{obj['kind']} violates the KubeRay CRD schema: {errors[:5]}"
+            assert kuberay_rules(obj) == []
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_strict_crd_schema_catches_typos(chart):
+    """The strict CRD validator is not vacuous: a misspelled field and a wrong type are caught."""
+    rayjob = one(objects(chart, "default"), "RayJob")
+    bad = copy.deepcopy(rayjob)
+    bad["spec"]["shutdownAfterJobFinishez"] = bad["spec"].pop("shutdownAfterJobFinishes")
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] = "1"
+    messages = " ".join(e.message for e in crd_validator("RayJob").iter_errors(bad))
+    assert "shutdownAfterJobFinishez" in messages and "'1' is not of type 'integer'" in messages
+    with pytest.raises(kubernetes_validate.ValidationError):
+        sa = one(objects(chart, "default"), "ServiceAccount")
+        kubernetes_validate.validate({**sa, "bogus": 1}, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_pod_is_locked_down_and_sized(chart, scenario):
+    pods = list(pod_specs(objects(chart, scenario)))
+    assert len(pods) >= 5          # mlflow?, distill head/workers/submitter, serve head/workers
+    for where, pod in pods:
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 1000, where
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod["automountServiceAccountToken"] in (True, False), where
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000, where
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert c["resources"]["requests"] and c["resources"]["limits"], where
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_distill_entrypoint_maps_the_values(chart, scenario):
+    from tdm.config import build_arg_parser, config_from_args
+
+    v = values_of(scenario)
+    d = v["distill"]
+    rayjob = one(objects(chart, scenario), "RayJob")
+    argv = distill_argv(rayjob)
+    # the entrypoint is a valid tdm config: the same parser and validation as pipelines/distill.py
+    cfg = config_from_args(build_arg_parser("test").parse_args(argv))
+    job_name = d["jobName"] or f"{RELEASE}-distill"
+    assert rayjob["metadata"]["name"] == job_name
+    assert cfg.name == (d["runName"] or job_name)
+    assert cfg.teacher.uri == d["teacher"]["uri"]
+    assert cfg.data.prompt_source == (d["prompts"]["source"] or None)
+    if d["prompts"]["source"]:
+        assert cfg.data.prompt_column == d["prompts"]["column"]
+    assert cfg.data.max_prompts == d["prompts"]["maxPrompts"]
+    assert cfg.student.finetune == d["student"]["finetune"]
+    assert cfg.student.num_steps == d["student"]["numSteps"]
+    assert cfg.student.step_set == (d["student"]["stepSet"] or None)
+    if d["loss"]["guidanceScale"] is not None:
+        assert cfg.loss.guidance_scale == d["loss"]["guidanceScale"]
+    t = d["train"]
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.num_workers, cfg.train.use_gpu,
+            cfg.train.mixed_precision, cfg.train.gradient_checkpointing, cfg.train.max_failures) == \
+        (t["maxSteps"], t["batchSize"], t["numWorkers"], t["useGpu"], t["mixedPrecision"],
+         t["gradientCheckpointing"], t["maxFailures"])
+    if d["storage"]["type"] == "s3":
+        assert cfg.train.storage_path == f"s3://{v['s3']['bucket']}/{d['storage']['s3Prefix'].strip('/')}"
+    else:
+        assert cfg.train.storage_path == d["storage"]["pvc"]["mountPath"] + "/runs"
+    assert cfg.eval.enabled == d["eval"]["enabled"]
+    assert cfg.eval.clip_model == (d["eval"]["clipModel"] or None)
+    assert (cfg.registry.experiment, cfg.registry.model_name, cfg.registry.alias) == \
+        (d["registry"]["experiment"], d["registry"]["modelName"], d["registry"]["alias"])
+    for key, value in d["extraArgs"].items():
+        assert cfg.to_flat_dict()[key] == value
+    # the repository is the job's working directory, so `pipelines/distill.py` resolves
+    assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"]) == {"working_dir": d["workingDir"] or v["image"]["appDir"]}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_distill_job_lifecycle_and_cluster(chart, scenario):
+    v = values_of(scenario)
+    d = v["distill"]
+    spec = one(objects(chart, scenario), "RayJob")["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 3600
+    assert spec["activeDeadlineSeconds"] == 172800 and spec["backoffLimit"] == 2
+    assert spec["submissionMode"] == "K8sJobMode"
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.60.0"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"   # train workers go to worker pods
+    (group,) = cluster["workerGroupSpecs"]
+    workers = d["train"]["numWorkers"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == workers
+    worker = group["template"]["spec"]
+    (container,) = worker["containers"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    if d["train"]["useGpu"]:
+        image = f"{GPU_IMAGE['repository']}:{GPU_IMAGE['tag']}"
+        assert container["image"] == head["image"] == image
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["tolerations"]
+        assert worker["nodeSelector"] == d["workers"]["gpuNodeSelector"]
+    else:
+        assert container["image"] == "tdm:0.1.0"
+        assert not any("gpu" in k for k in container["resources"]["limits"])
+        assert "tolerations" not in worker
+    for c in (head, container):
+        env = env_of(c)
+        expected_uri = (f"http://{RELEASE}-mlflow.{NAMESPACE}.svc:5000" if v["mlflow"]["enabled"]
+                        else v["mlflow"]["externalUri"])
+        assert env["MLFLOW_TRACKING_URI"]["value"] == expected_uri
+        uses_s3 = d["storage"]["type"] == "s3" or d["teacher"]["uri"].startswith("s3://")
+        assert ("AWS_ACCESS_KEY_ID" in env) == uses_s3
+        if uses_s3:
+            secret = v["s3"]["credentialsSecret"]
+            assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == \
+                {"name": secret["name"], "key": secret["accessKeyIdKey"]}
+            assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == \
+                {"name": secret["name"], "key": secret["secretAccessKeyKey"]}
+            assert env["AWS_ENDPOINT_URL"]["value"] == v["s3"]["endpointUrl"]
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert mounts["dshm"] == "/dev/shm"
+        assert ("runs" in mounts) == (d["storage"]["type"] == "pvc")
+
+
+def _expected_serve_config(v: dict) -> dict:
+    from tdm.serve import serve_config
+
+    s = v["serve"]
+    tracking = (f"http://{RELEASE}-mlflow.{NAMESPACE}.svc:5000" if v["mlflow"]["enabled"]
+                else v["mlflow"]["externalUri"])
+    args = {"model_uri": f"models:/{s['modelName']}@{s['modelAlias']}", "tracking_uri": tracking,
+            "poll_interval_s": s["pollIntervalS"], "max_batch_size": s["maxBatchSize"],
+            "batch_wait_timeout_s": s["batchWaitTimeoutS"], "max_images_per_request": s["maxImagesPerRequest"],
+            "max_prompt_chars": s["maxPromptChars"], "upscale_factors": s["upscaleFactors"],
+            "num_gpus": s["gpusPerReplica"], "num_cpus": s["cpusPerReplica"],
+            "max_ongoing_requests": s["maxOngoingRequests"], "max_queued_requests": s["maxQueuedRequests"]}
+    if not s["autoscaling"]["enabled"]:
+        args["num_replicas"] = s["numReplicas"]
+    expected = serve_config(args, name=s["appName"], route_prefix=s["routePrefix"], working_dir=s["workingDir"] or None)
+    if s["autoscaling"]["enabled"]:
+        a = s["autoscaling"]
+        expected["applications"][0]["deployments"] = [{"name": "TDMGenerator", "autoscaling_config": {
+            "min_replicas": a["minReplicas"], "max_replicas": a["maxReplicas"],
+            "target_ongoing_requests": a["targetOngoingRequests"]}}]
+    return expected
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_serve_config_is_what_tdm_builds(chart, scenario):
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    from tdm.serve import ServeConfig, build_app
+
+    v = values_of(scenario)
+    rs = one(objects(chart, scenario), "RayService")
+    assert rs["metadata"]["name"] == (v["serve"]["name"] or f"{RELEASE}-serve")
+    config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    assert config == _expected_serve_config(v)
+    # Ray's own schema (it accepts unknown keys, so the allow-lists below check the names)
+    ServeDeploySchema.model_validate(config)
+    assert set(config) == {"applications"}
+    (app,) = config["applications"]
+    assert set(app) <= set(ServeApplicationSchema.model_fields)
+    assert app["import_path"] == "tdm.serve:build_app"
+    assert set(app["args"]) <= set(ServeConfig.model_fields) | BUILD_APP_EXTRAS
+    for dep in app.get("deployments", []):
+        assert dep["name"] in ("TDMGenerator", "TDMIngress")
+        assert set(dep) <= set(DeploymentSchema.model_fields)
+        assert set(dep.get("autoscaling_config", {})) <= set(AutoscalingConfig.model_fields)
+        assert "num_replicas" not in dep
+    assert ("num_replicas" in app["args"]) != bool(app.get("deployments"))
+    # the application builder accepts the args (ServeConfig forbids unknown keys)
+    build_app(app["args"])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_serve_cluster_matches_the_deployment(chart, scenario):
+    s = values_of(scenario)["serve"]
+    spec = one(objects(chart, scenario), "RayService")["spec"]
+    assert spec["upgradeStrategy"] == {"type": s["upgradeStrategy"]}
+    cluster = spec["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
+    a = s["autoscaling"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    if a["enabled"]:
+        assert cluster["enableInTreeAutoscaling"] is True
+        assert (group["minReplicas"], group["maxReplicas"]) == (a["minReplicas"], a["maxReplicas"])
+        assert head["automountServiceAccountToken"] is True           # the autoscaler sidecar talks to the API
+        assert cluster["autoscalerOptions"]["securityContext"]["allowPrivilegeEscalation"] is False
+    else:
+        assert cluster["enableInTreeAutoscaling"] is False
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == s["numReplicas"]
+        assert head["automountServiceAccountToken"] is False
+    (worker,) = group["template"]["spec"]["containers"]
+    assert {"containerPort": s["port"], "name": "serve"} in worker["ports"]
+    gpus = worker["resources"]["limits"].get("nvidia.com/gpu", 0)
+    assert gpus == (1 if s["gpusPerReplica"] else 0)
+    env = env_of(worker)
+    assert ("PYTHONPATH" in env) == (not s["workingDir"])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_mlflow_server(chart, scenario):
+    v = values_of(scenario)
+    objs = objects(chart, scenario)
+    if not v["mlflow"]["enabled"]:
+        assert not [o for o in objs if o["kind"] in ("Deployment", "Service")]
+        return
+    dep, svc = one(objs, "Deployment"), one(objs, "Service")
+    name = f"{RELEASE}-mlflow"
+    assert dep["metadata"]["name"] == svc["metadata"]["name"] == name
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    cmd = c["command"] + c["args"]
+    assert cmd[:6] == ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
+    flags = dict(zip(cmd[2::1], cmd[3::1]))
+    assert flags["--backend-store-uri"] == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert flags["--artifacts-destination"] == f"s3://{v['s3']['bucket']}/mlflow"
+    assert "--serve-artifacts" in cmd
+    hosts = flags["--allowed-hosts"].split(",")
+    assert {name, f"{name}:5000", f"{name}.{NAMESPACE}.svc:5000", "localhost:*"} <= set(hosts)
+    env = env_of(c)
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "tdm-mlflow-db", "key": "uri"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == v["s3"]["credentialsSecret"]["name"]
+    assert ("MLFLOW_S3_ENDPOINT_URL" in env) == bool(v["s3"]["endpointUrl"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert svc["spec"]["ports"][0]["port"] == 5000 and svc["spec"]["ports"][0]["targetPort"] == "http"
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_network_policies(chart, scenario):
+    v = values_of(scenario)
+    objs = objects(chart, scenario)
+    policies = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
+    serve = policies[f"{RELEASE}-ray-serve"]
+    assert any(r.get("ports") == [{"port": 8000, "protocol": "TCP"}] and "from" not in r for r in serve["ingress"])
+    for name in (f"{RELEASE}-ray-distill", f"{RELEASE}-ray-serve"):
+        egress_ports = {p["port"] for r in policies[name]["egress"] for p in r.get("ports", [])}
+        assert 53 in egress_ports and 443 in egress_ports
+        assert (5000 in egress_ports) or not v["mlflow"]["enabled"]
+        if v["s3"]["endpointUrl"]:
+            assert 9000 in egress_ports
+        # the autoscaler sidecar reaches the API server
+        assert (6443 in egress_ports) == (name.endswith("serve") and v["serve"]["autoscaling"]["enabled"])
+    submitter = policies[f"{RELEASE}-distill-submitter"]
+    assert "ingress" not in submitter and submitter["policyTypes"] == ["Ingress", "Egress"]
+    if v["mlflow"]["enabled"]:
+        (rule,) = policies[f"{RELEASE}-mlflow"]["ingress"]
+        assert rule["ports"] == [{"port": 5000, "protocol": "TCP"}]
+    # every Ray pod is selected by a policy of its own cluster
+    for o in objs:
+        if o["kind"] in ("RayJob", "RayService"):
+            cluster = o["spec"].get("rayClusterSpec") or o["spec"]["rayClusterConfig"]
+            labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+            assert any(p["podSelector"]["matchLabels"].items() <= labels.items()
+                       for p in policies.values() if "matchLabels" in p["podSelector"])
+
+
+_CREDENTIAL_PATTERNS = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),                                  # AWS access key id
+    re.compile(r"(?i)aws_secret_access_key\s*[:=]\s*[\"']?[A-Za-z0-9/+]{20,}"),
+    re.compile(r"://[^/\s:@'\"]+:[^/\s@'\"]+@"),                      # user:password@host in a URI
+    re.compile(r"(?i)-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+]
+_SENSITIVE_ENV = re.compile(r"(?i)(secret|password|passwd|token|credential|access_key|backend_store_uri)")
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_no_literal_credentials(chart, scenario):
+    texts = render(chart, scenario)
+    for path, text in texts.items():
+        for pattern in _CREDENTIAL_PATTERNS:
+            assert not pattern.search(text), f"{path}: looks like a literal credential ({pattern.pattern})"
+    objs = objects(chart, scenario)
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    for obj in objs:
+        for node in _walk(obj):
+            if "name" in node and ("value" in node or "valueFrom" in node) and _SENSITIVE_ENV.search(node["name"]):
+                assert "value" not in node and "secretKeyRef" in node["valueFrom"], \
+                    f"{obj['kind']}: env {node['name']} must come from a Secret"
+
+
+BAD_VALUES = {
+    "negative workers": ({"distill": {"train": {"numWorkers": -1}}},
+                         "'/distill/train/numWorkers': minimum: got -1, want 1"),
+    "zero workers": ({"distill": {"train": {"numWorkers": 0}}}, "'/distill/train/numWorkers': minimum"),
+    "negative serve replicas": ({"serve": {"numReplicas": -2}}, "'/serve/numReplicas': minimum: got -2"),
+    "negative autoscaling replicas": ({"serve": {"autoscaling": {"minReplicas": -1}}},
+                                      "'/serve/autoscaling/minReplicas': minimum"),
+    "negative mlflow replicas": ({"mlflow": {"replicas": -1}}, "'/mlflow/replicas': minimum"),
+    "negative backoffLimit": ({"distill": {"job": {"backoffLimit": -1}}}, "'/distill/job/backoffLimit': minimum"),
+    "unknown key": ({"distill": {"train": {"numWorker": 2}}}, "additional properties 'numWorker' not allowed"),
+    "bad enum": ({"distill": {"train": {"mixedPrecision": "fp8"}}}, "'/distill/train/mixedPrecision'"),
+    "interactive mode": ({"distill": {"job": {"submissionMode": "InteractiveMode"}}},
+                         "'/distill/job/submissionMode'"),
+    "GPU training without a GPU image": ({"distill": {"train": {"useGpu": True}}},
+                                         "distill.train.useGpu is true but gpuImage.repository is empty"),
+    "GPU serving without a GPU image": ({"serve": {"gpusPerReplica": 1}},
+                                        "serve.gpusPerReplica is 1 but gpuImage.repository is empty"),
+    "S3 storage without a Secret": (
+        {"distill": {"storage": {"type": "s3"}}, "s3": {"credentialsSecret": {"name": ""}},
+         "mlflow": {"enabled": False, "externalUri": "https://mlflow.example.com"}},
+        "'/s3/credentialsSecret/name': minLength: got 0, want 1"),
+    "S3 storage without a bucket": (
+        {"distill": {"storage": {"type": "s3"}}, "s3": {"bucket": ""},
+         "mlflow": {"enabled": False, "externalUri": "https://mlflow.example.com"}},
+        "'/s3/bucket': minLength: got 0, want 1"),
+    "MLflow server without a database Secret": ({"mlflow": {"backendStore": {"secretName": ""}}},
+                                                "'/mlflow/backendStore/secretName': minLength: got 0, want 1"),
+    "MLflow server without an S3 Secret": ({"s3": {"credentialsSecret": {"name": ""}}},
+                                           "'/s3/credentialsSecret/name': minLength: got 0, want 1"),
+    "external MLflow without a URI": ({"mlflow": {"enabled": False}}, "'/mlflow/externalUri': minLength"),
+    "S3 prompts without a Secret": (
+        {"distill": {"prompts": {"source": "s3://b/prompts.txt"}}, "s3": {"credentialsSecret": {"name": ""}},
+         "mlflow": {"enabled": False, "externalUri": "https://mlflow.example.com"}},
+        "s3://b/prompts.txt is on S3 but s3.credentialsSecret.name is empty"),
+    "RayJob name too long": ({"fullnameOverride": "a" * 40},
+                             f'RayJob name "{"a" * 40}-distill" is 48 characters; KubeRay allows at most 47'),
+    "explicit RayJob name too long": ({"distill": {"jobName": "j" * 48}}, "KubeRay allows at most 47"),
+    "RayService name too long": ({"distill": {"enabled": False}, "serve": {"name": "s" * 50}},
+                                 f'RayService name "{"s" * 50}" is 50 characters; KubeRay allows at most 47'),
+    "mixed precision on CPU": ({"distill": {"train": {"mixedPrecision": "bf16"}}},
+                               "distill.train.mixedPrecision=bf16 needs distill.train.useGpu=true"),
+    "batch not divisible": ({"distill": {"train": {"numWorkers": 3}}},
+                            "distill.train.batchSize (64) must be divisible by"),
+    "real teacher without CLIP": ({"distill": {"teacher": {"uri": "stable-diffusion-v1-5/stable-diffusion-v1-5"}}},
+                                  "distill.eval.clipModel is required"),
+    "autoscaling min > max": ({"serve": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+                              "serve.autoscaling.minReplicas (5) must not exceed serve.autoscaling.maxReplicas (2)"),
+    "local serve working_dir": ({"serve": {"workingDir": "/app"}}, "'/serve/workingDir'"),
+    "extraArgs overriding a chart-set flag": ({"distill": {"extraArgs": {"train.storage_path": "/tmp"}}},
+                                          "distill.extraArgs.train.storage_path is set by the chart"),
+    "non-root user 0": ({"securityContext": {"runAsUser": 0}}, "'/securityContext/runAsUser': minimum"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_bad_values_fail_with_a_clear_message(chart, case):
+    values, message = BAD_VALUES[case]
+    with pytest.raises(helm.HelmError) as info:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    assert message in str(info.value)
+
+
+def test_name_limit_boundary(chart):
+    ok = chart.render({"distill": {"jobName": "j" * RAY_NAME_MAX}}, name=RELEASE, namespace=NAMESPACE)
+    assert f"name: {'j' * RAY_NAME_MAX}\n" in ok["tdm/templates/rayjob-distill.yaml"]
+    with pytest.raises(helm.HelmError, match="at most 47"):
+        chart.render({"distill": {"jobName": "j" * (RAY_NAME_MAX + 1)}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_entrypoint_quotes_shell_metacharacters(chart):
+    """Values reach the job's shell safely: a prompt column with spaces and quotes stays one word."""
+    column = "it's a \"caption\"; rm -rf /"
+    out = chart.render({"distill": {"prompts": {"source": "/data/prompts.jsonl", "column": column}}},
+                       name=RELEASE, namespace=NAMESPACE)
+    rayjob = yaml.safe_load(out["tdm/templates/rayjob-distill.yaml"])
+    argv = distill_argv(rayjob)
+    assert argv[argv.index("--data.prompt_column") + 1] == column
+
+
+def test_s3_endpoint_can_come_from_the_secret(chart):
+    values = {"s3": {"endpointUrl": "http://ignored:9000",
+                     "credentialsSecret": {"name": "minio-creds", "endpointUrlKey": "endpoint"}},
+              "distill": {"storage": {"type": "s3"}}}
+    objs = [doc for path, text in chart.render(values, name=RELEASE, namespace=NAMESPACE).items()
+            if not path.endswith("NOTES.txt") for doc in yaml.safe_load_all(text) if doc]
+    ref = {"secretKeyRef": {"name": "minio-creds", "key": "endpoint"}}
+    head = one(objs, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert env_of(head)["AWS_ENDPOINT_URL"]["valueFrom"] == ref
+    (mlflow,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert env_of(mlflow)["MLFLOW_S3_ENDPOINT_URL"]["valueFrom"] == ref
+    assert env_of(mlflow)["AWS_ENDPOINT_URL"]["valueFrom"] == ref
+    assert "ignored" not in "".join(chart.render(values, name=RELEASE, namespace=NAMESPACE).values())
