@@ -5,23 +5,19 @@ rules the schemas do not carry), the values mapped onto `pipelines/distill.py` f
 Serve config that `tdm.serve.serve_config` builds, and bad values rejected with a clear message."""
 import copy
 import functools
-import re
 import shlex
 from pathlib import Path
 
 import helm_python as helm
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
+from k8s_helpers import K8S_VERSION, RAY_NAME_MAX, assert_valid, crd_validator, credential_problems
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "tdm"
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
-K8S_VERSION = "1.33"
 RELEASE, NAMESPACE = "tdm", "ml"
-RAY_NAME_MAX = 47            # KubeRay validation.go: RayJob / RayService names
-SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 BUILD_APP_EXTRAS = {"num_replicas", "num_gpus", "num_cpus", "max_ongoing_requests", "max_queued_requests"}
 
 GPU_IMAGE = {"repository": "registry.example.com/tdm-cuda", "tag": "0.1.0-cu128"}
@@ -150,57 +146,6 @@ def distill_argv(rayjob: dict) -> list[str]:
     return argv[2:]
 
 
-# -------------------------------------------------------------------- KubeRay CRD schemas (strict)
-
-def _strict(node):
-    """openAPIV3Schema -> a JSON schema that rejects unknown fields (see shared/kuberay-crds/README.md)."""
-    if isinstance(node, list):
-        return [_strict(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _strict(v) for k, v in node.items()}
-    if out.pop("x-kubernetes-int-or-string", False):
-        out.pop("type", None)
-        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
-    if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields") \
-            and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
-
-
-def kuberay_rules(obj: dict) -> list[str]:
-    """Controller rules (ray-operator/controllers/ray/utils/validation.go) the CRD schema lacks."""
-    errors, name, spec = [], obj["metadata"]["name"], obj["spec"]
-    if len(name) > RAY_NAME_MAX or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
-        errors.append(f"name {name!r}: not a DNS-1035 label of at most {RAY_NAME_MAX} characters")
-    if obj["kind"] == "RayJob":
-        if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
-            errors.append("ttlSecondsAfterFinished > 0 needs shutdownAfterJobFinishes")
-        if spec.get("shutdownAfterJobFinishes") and spec.get("deletionStrategy", {}).get("deletionRules"):
-            errors.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
-        if spec.get("submissionMode", "K8sJobMode") not in SUBMISSION_MODES:
-            errors.append(f"submissionMode {spec.get('submissionMode')!r}")
-        if ("rayClusterSpec" in spec) == ("clusterSelector" in spec):
-            errors.append("exactly one of rayClusterSpec and clusterSelector")
-        if spec.get("backoffLimit") and spec.get("submissionMode") == "InteractiveMode":
-            errors.append("backoffLimit is incompatible with InteractiveMode")
-        if "submitterPodTemplate" in spec and spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
-            errors.append("submitterPodTemplate only applies to K8sJobMode")
-    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig")
-    for group in cluster["workerGroupSpecs"]:
-        if not group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]:
-            errors.append(f"worker group {group['groupName']}: replicas outside [minReplicas, maxReplicas]")
-    return errors
-
-
 # ---------------------------------------------------------------------------------------- the tests
 
 @pytest.mark.parametrize("scenario", [None, *SCENARIOS])
@@ -219,15 +164,7 @@ def test_every_object_validates(chart, scenario):
     assert {"RayJob", "RayService", "ServiceAccount", "NetworkPolicy"} <= set(kinds)
     assert ("Deployment" in kinds) == values_of(scenario)["mlflow"]["enabled"]
     for obj in objs:
-        assert obj["apiVersion"] and obj["metadata"]["name"]
-        if obj["apiVersion"].startswith("ray.io/"):
-            assert obj["apiVersion"] == "ray.io/v1"
-            errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                      for e in crd_validator(obj["kind"]).iter_errors(obj)]
-            assert errors == [], f"{obj['kind']} violates the KubeRay CRD schema: {errors[:5]}"
-            assert kuberay_rules(obj) == []
-        else:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert_valid(obj)
 
 
 def test_strict_crd_schema_catches_typos(chart):
@@ -486,38 +423,9 @@ def test_network_policies(chart, scenario):
                        for p in policies.values() if "matchLabels" in p["podSelector"])
 
 
-_CREDENTIAL_PATTERNS = [
-    re.compile(r"AKIA[0-9A-Z]{16}"),                                  # AWS access key id
-    re.compile(r"(?i)aws_secret_access_key\s*[:=]\s*[\"']?[A-Za-z0-9/+]{20,}"),
-    re.compile(r"://[^/\s:@'\"]+:[^/\s@'\"]+@"),                      # user:password@host in a URI
-    re.compile(r"(?i)-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-]
-_SENSITIVE_ENV = re.compile(r"(?i)(secret|password|passwd|token|credential|access_key|backend_store_uri)")
-
-
-def _walk(node):
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
-
-
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_no_literal_credentials(chart, scenario):
-    texts = render(chart, scenario)
-    for path, text in texts.items():
-        for pattern in _CREDENTIAL_PATTERNS:
-            assert not pattern.search(text), f"{path}: looks like a literal credential ({pattern.pattern})"
-    objs = objects(chart, scenario)
-    assert not [o for o in objs if o["kind"] == "Secret"]
-    for obj in objs:
-        for node in _walk(obj):
-            if "name" in node and ("value" in node or "valueFrom" in node) and _SENSITIVE_ENV.search(node["name"]):
-                assert "value" not in node and "secretKeyRef" in node["valueFrom"], \
-                    f"{obj['kind']}: env {node['name']} must come from a Secret"
+    assert credential_problems(render(chart, scenario), objects(chart, scenario)) == []
 
 
 BAD_VALUES = {
