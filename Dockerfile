@@ -26,7 +26,8 @@ WORKDIR /app
 # only when those two files change, not on every code change. constraints.txt pins torch==2.13.0,
 # which the PyTorch CPU index serves as 2.13.0+cpu (PyPI's Linux wheel of the same version is the CUDA
 # build, right for the GPU variants). psycopg2-binary (MLflow's Postgres driver for the server in
-# mlflow.yaml) has no pin in constraints.txt, so it is the one unpinned package.
+# mlflow.yaml) is not a tdm dependency, so it is named here; constraints.txt pins it, the version that
+# tests/test_mlflow_server.py runs that server with.
 COPY --chown=1000:100 pyproject.toml constraints.txt ./
 RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > /tmp/requirements.txt \
