@@ -55,17 +55,75 @@ def s3_server():
     server.stop()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RAY: dict = {}
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tdm_home, s3_server):
-    """One local Ray cluster for every test that needs one (4 logical CPUs on a 2-core machine). Workers
-    see the session's TDM_HOME and the S3 endpoint."""
+def ray_cluster(tdm_home, s3_server, tmp_path_factory):
+    """One local Ray cluster for every test that needs one (4 logical CPUs on a 2-core machine), started
+    as a KubeRay head is, with `ray start --head`: it runs the dashboard and its agent, where the
+    job-submission and Serve REST APIs that KubeRay drives live (fixture `ray_dashboard`). Every port is
+    a free one, so a cluster already running on this machine is left alone (and `ray stop`, which would
+    stop it too, is never called). Workers see the session's TDM_HOME and the S3 endpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
     import ray
 
+    gcs, dashboard = free_port(), free_port()
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
+    argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus", "4",
+            "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
+            "--ray-client-server-port", str(free_port()), "--disable-usage-stats"]
+    with open(log, "wb") as out:   # its own process group: the head and every process it starts go with it
+        head = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "TDM_HOME": str(tdm_home)})
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/gcs_healthz", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if head.poll() is not None or time.monotonic() > deadline:
+            head.kill()
+            pytest.fail(f"ray start --head did not come up:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
     env = {"TDM_HOME": str(tdm_home), "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"], "HF_HUB_OFFLINE": "1",
            **s3_server}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False, runtime_env={"env_vars": env})
+    _RAY["dashboard"] = url
     yield ray
     ray.shutdown()
+    os.killpg(head.pid, signal.SIGTERM)      # ray start --block stops the node's processes on SIGTERM
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # anything left in the group
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_cluster):
+    """http://127.0.0.1:<port> of the session cluster's dashboard (`ray job submit --address`, Serve REST)."""
+    return _RAY["dashboard"]
 
 
 #: A distillation small enough for CI: tiny toy teacher, 2 CPU workers, a handful of steps.

@@ -48,15 +48,13 @@ def committed_steps(storage: Path) -> list[int]:
 
 
 def train_worker_pids():
-    """PIDs of the live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
-    import psutil
+    """PIDs of the live Ray Train workers of the session's cluster, from Ray's state API: a process
+    listing would also find the workers of any other Ray cluster on this machine, and kill them."""
+    import ray
+    from ray.util.state import list_actors
 
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
-            pids.append(p.info["pid"])
-    return pids
+    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False,
+                                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
 @pytest.fixture(scope="module")

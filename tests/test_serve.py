@@ -3,7 +3,6 @@ invariance, errors, overload, and a hot swap of the champion under load."""
 import base64
 import concurrent.futures as cf
 import io
-import socket
 import threading
 import time
 
@@ -11,6 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
+from conftest import free_port
 from tdm.serve import ServeConfig, parse_request, supported_sizes
 
 MODEL = "tdm-serve-test"
@@ -43,12 +43,6 @@ def _student_version(tmp_path, seed, tiny_toy_dir):
     with mlflow.start_run(run_name=f"serve-fixture-{seed}", experiment_id=get_or_create_experiment("tdm")):
         info = log_pipeline_model(out, spec)
     return register(info.model_uri, MODEL, {"kind": "student"})
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
