@@ -9,9 +9,9 @@
 2. latency: end-to-end seconds per image (text encoding, sampling, VAE decoding) of the 4-step student
    vs the teacher at 25 steps with CFG (cond and uncond batched) on the same backbone, bf16, at the
    architecture's native resolution; also the denoiser-only ratio (excluding text encoding and VAE
-   decoding), and end to end with a tiny decoder (AutoencoderTiny, the TAESD architecture that stock
-   diffusers pipelines accept as `pipe.vae`), since the full VAE decoder costs about two UNet evaluations
-   and so caps the end-to-end ratio well below the denoiser-only one.
+   decoding), and end to end with a tiny decoder (AutoencoderTiny, the TAESD architecture, swapped in with
+   `Backbone.set_decoder`: what tdm's `decoder` option does), since the full VAE decoder costs about two
+   UNet evaluations and so caps the end-to-end ratio well below the denoiser-only one.
 
 Architectures: sd15 (UNet 860M, VAE 84M, CLIP-L 123M; 512px) and sdxl (UNet 2.6B with text_time
 conditioning, CLIP-L + OpenCLIP-bigG text encoders, VAE; 1024px).
@@ -142,14 +142,6 @@ def memory(arch: str, latent: int, device: str, checkpointing: bool) -> None:
           f"{what} (target <= 0.45x)", flush=True)
 
 
-def set_decoder(backbone, vae) -> None:
-    """Swap the VAE the backbone decodes with (the stock-pipeline adapters keep it in `pipe`)."""
-    if hasattr(backbone, "pipe"):
-        backbone.pipe.vae = vae
-    else:
-        backbone.vae = vae
-
-
 def latency(arch: str, latent: int, device: str, repeats: int, batches: list[int]) -> None:
     from diffusers import AutoencoderTiny
 
@@ -158,9 +150,9 @@ def latency(arch: str, latent: int, device: str, repeats: int, batches: list[int
     b = real_backbone(arch, latent, device)
     student = TDMPipeline(b, {"kind": "student", "num_steps": 4, "guidance_scale": 7.5, "t_start": 999})
     teacher = TDMPipeline(b, teacher_spec(b, num_steps=25, guidance_scale=7.5))
-    full_vae = b.pipe.vae if hasattr(b, "pipe") else b.vae
+    full_vae = b.vae
     with torch.device(device):
-        tiny_vae = AutoencoderTiny().to(dtype=torch.bfloat16).eval().requires_grad_(False)  # TAESD architecture
+        tiny_vae = AutoencoderTiny()  # TAESD's architecture (madebyollin/taesd), random weights
 
     # denoiser-only cost: network seconds counted by hooks (synchronised on a GPU so they measure the work)
     spent, starts = {"s": 0.0}, []
@@ -188,7 +180,7 @@ def latency(arch: str, latent: int, device: str, repeats: int, batches: list[int
     for batch in batches:
         res = {}
         for decoder, vae in (("VAE", full_vae), ("tiny decoder", tiny_vae)):
-            set_decoder(b, vae)
+            b.set_decoder(vae, source=decoder)  # the library's decoder option (checks channels and size)
             run(student, batch), run(teacher, batch)  # warm-up: allocator, kernel selection
             runs = {"student@4": [], "teacher@25+CFG": []}
             for _ in range(repeats):  # interleaved, so drift (clocks, other load) hits both alike

@@ -135,7 +135,10 @@ class TDMPipeline:
                       str(path / STEP_EMBEDDING_FILE))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32) -> "TDMPipeline":
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32,
+                        decoder: str | None = None) -> "TDMPipeline":
+        """`decoder`: an autoencoder to decode with instead of the model's own VAE (a hub id such as
+        madebyollin/taesd, a local diffusers directory or an s3:// prefix; see Backbone.use_decoder)."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -143,7 +146,10 @@ class TDMPipeline:
         if not spec_path.is_file():
             raise FileNotFoundError(f"{path} is not a tdm pipeline (no {SPEC_FILE})")
         spec = json.loads(spec_path.read_text())
-        pipe = cls(load_backbone(path, device=device, dtype=dtype), spec)
+        backbone = load_backbone(path, device=device, dtype=dtype)
+        if decoder:
+            backbone.use_decoder(decoder)
+        pipe = cls(backbone, spec)
         if pipe.denoiser.step_embedding is not None:
             w = load_file(str(path / STEP_EMBEDDING_FILE))["weight"]
             pipe.denoiser.step_embedding.embedding.weight.data.copy_(w)
@@ -208,6 +214,11 @@ def teacher_spec(backbone: Backbone, num_steps: int = 50, guidance_scale: float 
     return {"kind": "teacher", "num_steps": num_steps, "guidance_scale": guidance_scale,
             "t_start": backbone.schedule.max_timestep, "negative_prompt": negative_prompt,
             "prediction_type": backbone.schedule.prediction_type, "schedule": backbone.schedule.to_dict(), **extra}
+
+
+def inference_device() -> str:
+    """Where a loaded model runs: the GPU when this process can see one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def to_png_bytes(images: torch.Tensor) -> list[bytes]:

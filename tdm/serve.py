@@ -5,11 +5,14 @@
 
 - `POST /v1/images/generations` {prompt, n, size, response_format="b64_json", model?, steps?, seed?}
   -> {"created", "model", "data": [{"b64_json", "revised_prompt"}]} and header `x-tdm-model`.
-- `GET /v1/models` lists what is served; `GET /healthz` is 200 only once a model is loaded.
+- `GET /v1/models` lists what is served (with the decoder in use); `GET /healthz` is 200 only once a
+  model is loaded.
 - The generator serves `model_uri` (default models:/tdm-student@champion). It polls the registry every
   `poll_interval_s`; when the alias moves it loads the new version beside the old one and swaps
   atomically, so in-flight and queued requests never fail. A `user_config` change (serve deploy /
   RayService serveConfigV2) reconfigures the same replicas in place.
+- `decoder` (e.g. madebyollin/taesd) decodes with that autoencoder instead of the model's own VAE, for
+  every version served; changing it reloads the model.
 - Batching never changes results: image i of a request is seeded (seed + i) and the network always
   runs on chunks of exactly `max_batch_size` images (padded), so an image's numerics do not depend
   on which other requests shared its batch.
@@ -23,9 +26,9 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 log = logging.getLogger("ray.serve")
 
@@ -48,6 +51,16 @@ class ServeConfig(BaseModel):
                                        "native size (nearest-neighbour upscaling), e.g. 1,32 for the 8x8 toy.")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                                         "or the local tdm store).")
+    decoder: Optional[str] = Field(None, description="Autoencoder to decode with instead of the model's own VAE, "
+                                   "e.g. madebyollin/taesd (a hub id, a local diffusers directory or an s3:// "
+                                   "prefix; AutoencoderTiny or AutoencoderKL for the model's latents). Default: the "
+                                   "model's VAE.")
+
+    @field_validator("decoder")
+    @classmethod
+    def _blank_decoder_is_none(cls, v: Optional[str]) -> Optional[str]:
+        # "" is how a chart value or a CLI flag says "no decoder"
+        return (v.strip() or None) if v is not None else None
 
 
 # ---------------------------------------------------------------- request validation (pure, testable)
@@ -131,27 +144,31 @@ def supported_sizes(info: dict, cfg: ServeConfig) -> list[str]:
 
 # ---------------------------------------------------------------- the model replica
 
-def _load(uri: str, tracking_uri: str | None):
-    """(pipeline, info) for a model URI or a local pipeline directory."""
+def _load(uri: str, tracking_uri: str | None, decoder: str | None = None):
+    """(pipeline, info) for a model URI or a local pipeline directory, decoding with `decoder` (a location;
+    None: the model's own VAE)."""
     import torch
 
-    from .pipeline import TDMPipeline
+    from .pipeline import TDMPipeline, inference_device
     from .tracking import download_model, resolve_model_version, use_tracking_uri
 
     if uri.startswith("models:/"):
         use_tracking_uri(tracking_uri)
         mv = resolve_model_version(uri)
-        pipe, name, version = TDMPipeline.from_pretrained(download_model(mv)), mv.name, str(mv.version)
+        path, name, version = download_model(mv), mv.name, str(mv.version)
     else:
-        pipe, name, version = TDMPipeline.from_pretrained(uri), uri.rstrip("/").split("/")[-1], "local"
+        path, name, version = uri, uri.rstrip("/").split("/")[-1], "local"
+    device = inference_device()    # Ray shows a replica a GPU only when it asked for one (num_gpus > 0)
+    pipe = TDMPipeline.from_pretrained(path, device=device, decoder=decoder)
     spec = pipe.spec
     steps = spec["step_values"] if spec.get("step_conditioned") else \
         sorted({int(k) for k in (spec.get("timesteps") or {})} | {pipe.default_steps})
     with torch.no_grad():
-        height, width = pipe.backbone.decode(torch.zeros(1, *pipe.backbone.latent_shape)).shape[-2:]
+        height, width = pipe.backbone.decode(torch.zeros(1, *pipe.backbone.latent_shape, device=device)).shape[-2:]
     info = {"id": f"{name}/{version}", "name": name, "version": version, "uri": uri, "kind": pipe.kind,
             "default_steps": pipe.default_steps, "supported_steps": steps, "native_size": [height, width],
-            "guidance_scale": pipe.guidance_scale}
+            "guidance_scale": pipe.guidance_scale, "decoder": pipe.backbone.decoder_source,
+            "decoder_class": type(pipe.backbone.vae).__name__ if pipe.backbone.vae is not None else None}
     return pipe, info
 
 
@@ -215,7 +232,8 @@ def _deployments():
             # chunks of exactly max_batch_size images
             self.generate.set_max_batch_size(max(cfg.max_batch_size, cfg.max_images_per_request))
             self.generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-            if self.current is None or cfg.model_uri != old.model_uri or cfg.tracking_uri != old.tracking_uri:
+            if self.current is None or (cfg.model_uri, cfg.tracking_uri, cfg.decoder) != \
+                    (old.model_uri, old.tracking_uri, old.decoder):
                 self._swap_to(cfg.model_uri)
             if self._poller is None and cfg.poll_interval_s > 0:
                 self._poller = threading.Thread(target=self._poll, daemon=True, name="tdm-registry-poll")
@@ -224,9 +242,9 @@ def _deployments():
         def _swap_to(self, uri: str) -> None:
             """Load the new model next to the old one, then switch in one assignment."""
             with self._lock:
-                pipe, info = _load(uri, self.cfg.tracking_uri)
+                pipe, info = _load(uri, self.cfg.tracking_uri, self.cfg.decoder)
                 self.current = (pipe, info)
-            log.info("tdm: serving %s (%s)", info["id"], uri)
+            log.info("tdm: serving %s (%s), decoder %s", info["id"], uri, info["decoder"] or "the model's VAE")
 
         def _poll(self) -> None:
             while not self._stop.wait(max(self.cfg.poll_interval_s, 0.5)):
@@ -311,7 +329,9 @@ def _deployments():
             data = [] if info is None else [{"id": info["id"], "object": "model", "owned_by": "tdm",
                                              "uri": info["uri"], "kind": info["kind"],
                                              "steps": info["supported_steps"],
-                                             "sizes": supported_sizes(info, self.cfg)}]
+                                             "sizes": supported_sizes(info, self.cfg),
+                                             # decoder None: the model's own VAE
+                                             "decoder": info["decoder"], "decoder_class": info["decoder_class"]}]
             return {"object": "list", "data": data}
 
         @app.get("/healthz")

@@ -64,16 +64,17 @@ def model_cache_dir() -> Path:
     return _default_home() / "cache" / "models"
 
 
-def resolve_teacher_dir(source: str, tracking_uri: str | None = None) -> str:
-    """Local directory (or hub id) of a teacher source; registered models and s3:// prefixes are
-    downloaded once per node into $TDM_HOME/cache (atomically, so racing workers are safe)."""
+def resolve_teacher_dir(source: str, tracking_uri: str | None = None, field: str = "teacher.uri") -> str:
+    """Local directory (or hub id) of a teacher source, or of any diffusers-layout location (e.g. a
+    decoder; `field` names the option in errors); registered models and s3:// prefixes are downloaded
+    once per node into $TDM_HOME/cache (atomically, so racing workers are safe)."""
     if source.startswith("s3://"):
         import hashlib
 
         from .sources import download_s3_prefix
 
         key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
-        return str(download_s3_prefix(source, model_cache_dir() / f"s3-{key}", "teacher.uri"))
+        return str(download_s3_prefix(source, model_cache_dir() / f"s3-{key}", field))
     if not source.startswith("models:/"):
         return source
     if tracking_uri:
@@ -224,8 +225,9 @@ def log_pipeline_model(pipeline_dir: str | Path, spec: dict, name: str = "model"
     import mlflow
 
     pkg = Path(__file__).parent
-    reqs = [f"torch", "diffusers", "transformers", "safetensors", "pillow", "pandas", "tokenizers", "scipy",
-            "pydantic", "pyyaml", "tqdm", "numpy"]
+    # boto3: s3:// locations given at load time (model_config "decoder")
+    reqs = ["torch", "diffusers", "transformers", "safetensors", "pillow", "pandas", "tokenizers", "scipy",
+            "pydantic", "pyyaml", "tqdm", "numpy", "boto3"]
     return mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_ENTRY),
                                    artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)}, code_paths=[str(pkg)],
                                    signature=pyfunc_signature(spec), pip_requirements=reqs,

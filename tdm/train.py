@@ -19,7 +19,7 @@ import torch
 
 from .backbones import cond_index, load_backbone
 from .config import TDMConfig
-from .distiller import EMA, TDMDistiller, allreduce_mean, student_grids
+from .distiller import EMA, TDMDistiller, allreduce_mean
 from .progress import progress
 
 STATE_FILE = "state.pt"

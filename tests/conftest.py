@@ -22,6 +22,26 @@ def tdm_home(tmp_path_factory):
     return home
 
 
+def _restore_mlflow_uri():
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(before)     # None unsets both
+
+
+# mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which tdm.run and the Ray tasks it starts read: a test
+# (or a module fixture) that points mlflow at its own server must not leave the rest of the session there.
+@pytest.fixture(scope="module", autouse=True)
+def _keep_mlflow_uri_per_module():
+    yield from _restore_mlflow_uri()
+
+
+@pytest.fixture(autouse=True)
+def _keep_mlflow_uri_per_test():
+    yield from _restore_mlflow_uri()
+
+
 @pytest.fixture(scope="session")
 def tiny_toy_dir(tmp_path_factory):
     """The toy pipeline architecture at minimum width, random weights, saved in diffusers layout."""
@@ -87,9 +107,12 @@ def ray_cluster(tdm_home, s3_server, tmp_path_factory):
             "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
             "--ray-client-server-port", str(free_port()), "--disable-usage-stats"]
+    # As in the image, `python` (job entrypoints run through a shell) is this environment's interpreter.
+    head_env = {**os.environ, "TDM_HOME": str(tdm_home),
+                "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "wb") as out:   # its own process group: the head and every process it starts go with it
         head = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "TDM_HOME": str(tdm_home)})
+                                start_new_session=True, env=head_env)
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 180
     while True:

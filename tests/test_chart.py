@@ -37,7 +37,8 @@ SCENARIOS = {
             "registry": {"modelName": "sdxl-tdm"},
             "workers": {"gpuNodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}},
         },
-        "serve": {"modelName": "sdxl-tdm", "gpusPerReplica": 1, "numReplicas": 2, "cpusPerReplica": 4},
+        "serve": {"modelName": "sdxl-tdm", "gpusPerReplica": 1, "numReplicas": 2, "cpusPerReplica": 4,
+                  "decoder": "madebyollin/taesd"},
     },
     "s3": {
         "s3": {"bucket": "tdm-data", "endpointUrl": "http://minio.minio.svc:9000",
@@ -51,6 +52,7 @@ SCENARIOS = {
             "storage": {"type": "s3", "s3Prefix": "/tdm/checkpoints/"},
             "extraArgs": {"optim.lr_student": 2e-6, "data.embedding_cache": False},
         },
+        "serve": {"decoder": "s3://tdm-data/decoders/taesd/"},
     },
     "external_mlflow": {
         "mlflow": {"enabled": False, "externalUri": "https://mlflow.example.com"},
@@ -301,6 +303,8 @@ def _expected_serve_config(v: dict) -> dict:
             "max_ongoing_requests": s["maxOngoingRequests"], "max_queued_requests": s["maxQueuedRequests"]}
     if not s["autoscaling"]["enabled"]:
         args["num_replicas"] = s["numReplicas"]
+    if s["decoder"]:
+        args["decoder"] = s["decoder"]
     expected = serve_config(args, name=s["appName"], route_prefix=s["routePrefix"], working_dir=s["workingDir"] or None)
     if s["autoscaling"]["enabled"]:
         a = s["autoscaling"]
@@ -363,6 +367,8 @@ def test_serve_cluster_matches_the_deployment(chart, scenario):
     assert gpus == (1 if s["gpusPerReplica"] else 0)
     env = env_of(worker)
     assert ("PYTHONPATH" in env) == (not s["workingDir"])
+    # an S3 decoder is downloaded by the replicas: they need the credentials, and only then
+    assert ("AWS_SECRET_ACCESS_KEY" in env) == s["decoder"].startswith("s3://")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -476,6 +482,14 @@ BAD_VALUES = {
     "autoscaling min > max": ({"serve": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
                               "serve.autoscaling.minReplicas (5) must not exceed serve.autoscaling.maxReplicas (2)"),
     "local serve working_dir": ({"serve": {"workingDir": "/app"}}, "'/serve/workingDir'"),
+    "registered model as decoder": ({"serve": {"decoder": "models:/taesd@champion"}},
+                                    "serve.decoder models:/taesd@champion is a registered model"),
+    "S3 decoder without a Secret": (
+        {"distill": {"enabled": False}, "serve": {"decoder": "s3://b/taesd/"},
+         "s3": {"credentialsSecret": {"name": ""}},
+         "mlflow": {"enabled": False, "externalUri": "https://mlflow.example.com"}},
+        "serve.decoder s3://b/taesd/ is on S3 but s3.credentialsSecret.name is empty"),
+    "decoder with spaces": ({"serve": {"decoder": "madebyollin/ taesd"}}, "'/serve/decoder'"),
     "extraArgs overriding a chart-set flag": ({"distill": {"extraArgs": {"train.storage_path": "/tmp"}}},
                                           "distill.extraArgs.train.storage_path is set by the chart"),
     "non-root user 0": ({"securityContext": {"runAsUser": 0}}, "'/securityContext/runAsUser': minimum"),

@@ -258,8 +258,6 @@ def job(release, mlflow_server, ray_dashboard, s3_server, tdm_home):
 @pytest.fixture(scope="module")
 def run(job, mlflow_server):
     """What the job registered, found the way the workflow driver finds it (by the entrypoint's run name)."""
-    from mlflow import MlflowClient
-
     from tdm.workflow import parse_entrypoint, registered_version
 
     cfg = parse_entrypoint(job["entrypoint"], "the rendered RayJob")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tdm.backbones import cond_index, load_backbone
+from tdm.backbones import load_backbone
 from tdm.config import load_config
 from tdm.distiller import TDMDistiller, student_grids
 from tdm.train import build_roles

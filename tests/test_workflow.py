@@ -3,7 +3,6 @@ that validates against the KubeRay CRD and whose entrypoint parses back to the s
 submit -> follow -> promote -> patch run against an in-test Kubernetes API server (the ray.io/v1 REST
 endpoints the official client calls, reached through a kubeconfig file) and a real MLflow sqlite store."""
 import json
-import os
 import shlex
 import socket
 import sys
@@ -202,16 +201,6 @@ def kube(rendered, tmp_path):
 
 
 # ------------------------------------------------------------------------------ a real MLflow store
-
-@pytest.fixture(autouse=True)
-def _keep_mlflow_uri():
-    """The driver sets mlflow's tracking URI (and so $MLFLOW_TRACKING_URI); give other tests theirs back."""
-    import mlflow
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    mlflow.set_tracking_uri(before)     # None unsets both
-
 
 
 @pytest.fixture(scope="module")

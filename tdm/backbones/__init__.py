@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .base import Backbone, Cond, Denoiser, StepEmbedding, cond_cat, cond_index, cond_to, predict_x0_eps
+from .decoders import DECODER_CLASSES, load_decoder
 from .stock import PixArtBackbone, SD3Backbone, SDXLBackbone
 from .unet import UNetBackbone
 
@@ -39,6 +40,6 @@ def load_backbone(path_or_id: str | Path, device="cpu", dtype=torch.float32) -> 
     return ADAPTERS[cls_name].from_pretrained(path_or_id, index, device=device, dtype=dtype)
 
 
-__all__ = ["ADAPTERS", "Backbone", "Cond", "Denoiser", "PixArtBackbone", "SD3Backbone", "SDXLBackbone",
-           "StepEmbedding", "UNetBackbone", "cond_cat", "cond_index",
-           "cond_to", "load_backbone", "predict_x0_eps", "read_model_index"]
+__all__ = ["ADAPTERS", "Backbone", "Cond", "DECODER_CLASSES", "Denoiser", "PixArtBackbone", "SD3Backbone",
+           "SDXLBackbone", "StepEmbedding", "UNetBackbone", "cond_cat", "cond_index",
+           "cond_to", "load_backbone", "load_decoder", "predict_x0_eps", "read_model_index"]

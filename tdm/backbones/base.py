@@ -187,6 +187,11 @@ class Backbone(ABC):
     time_embedding_name: str
     time_embed_dim: int
 
+    #: the autoencoder `decode` goes through; None for a pixel-space model (the toy)
+    vae: nn.Module | None
+    #: where the decoder came from once `set_decoder` replaced the model's own VAE; None until then
+    decoder_source: str | None = None
+
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """Text conditioning for a list of prompts (no grad)."""
@@ -227,6 +232,46 @@ class Backbone(ABC):
         cls.save_lora_weights(str(path), **{f"{self.lora_prefix}_lora_layers": layers,
                                             f"{self.lora_prefix}_lora_adapter_metadata": meta})
         return True
+
+    def set_decoder(self, vae: nn.Module, source: str | None = None, field: str = "decoder") -> None:
+        """Decode with the autoencoder `vae` (AutoencoderKL or AutoencoderTiny, e.g. TAESD) instead of
+        the current VAE; it is moved to the current VAE's device and dtype. `source` says where it came
+        from (reported by serving); `field` names the option in errors. The replaced VAE is dropped:
+        a decoder is an inference option, so `save_pretrained` refuses afterwards rather than ship it."""
+        from .decoders import check_decoder
+
+        own = self._require_vae(field)
+        label = source or f"the {type(vae).__name__} given"
+        check_decoder(vae, own, self.latent_shape[0], label, field)
+        p = next(own.parameters())
+        vae = vae.to(p.device)
+        if vae.dtype != p.dtype:  # cast only when needed: diffusers warns on every dtype cast of a model
+            vae = vae.to(dtype=p.dtype)
+        self.vae = vae.eval().requires_grad_(False)
+        self.decoder_source = source or f"{type(vae).__name__} module"
+
+    def use_decoder(self, location: str | Path, field: str = "decoder") -> None:
+        """Decode with the autoencoder at `location`: a hub id, a local diffusers directory or an s3://
+        prefix (see tdm.backbones.decoders.load_decoder)."""
+        from .decoders import load_decoder
+
+        p = next(self._require_vae(field).parameters())  # a pixel-space model fails before any download
+        self.set_decoder(load_decoder(location, p.device, p.dtype, field), source=str(location), field=field)
+
+    def _require_vae(self, field: str) -> nn.Module:
+        if self.vae is None:
+            from ..config import ConfigError
+
+            raise ConfigError(f"{field}: this model ({self.pipeline_class}) generates pixels directly (no VAE), "
+                              f"so there is no decoder to replace; leave {field} unset")
+        return self.vae
+
+    def _require_own_vae(self) -> None:
+        """save_pretrained writes the model's VAE; after set_decoder that would be the replacement."""
+        if self.decoder_source is not None:
+            raise ValueError(f"save_pretrained: this backbone decodes with a replacement decoder "
+                             f"({self.decoder_source}), which an export would ship as the model's VAE; save from "
+                             f"a backbone loaded without a decoder")
 
     def to(self, device=None, dtype=None) -> "Backbone":
         """Move every component; returns self."""

@@ -56,9 +56,17 @@ class StockPipelineBackbone(Backbone):
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
 
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipe.vae
+
+    @vae.setter
+    def vae(self, vae: nn.Module) -> None:  # set_decoder: the pipeline object keeps it, as `pipe.vae = ...` does
+        self.pipe.vae = vae
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
+        vae = self.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
 
@@ -66,6 +74,7 @@ class StockPipelineBackbone(Backbone):
                         scheduler_config: dict | None = None) -> None:
         import diffusers
 
+        self._require_own_vae()
         comps = dict(self.pipe.components)
         if network is not None:
             comps[self.denoiser_name] = network

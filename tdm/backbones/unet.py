@@ -81,6 +81,7 @@ class UNetBackbone(Backbone):
                         scheduler_config: dict | None = None) -> None:
         import diffusers
 
+        self._require_own_vae()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (network if network is not None else self.network).save_pretrained(path / "unet")

@@ -284,6 +284,9 @@ seccompProfile:
 {{- if not $s.autoscaling.enabled -}}
 {{- $_ := set $args "num_replicas" (int $s.numReplicas) -}}
 {{- end -}}
+{{- if $s.decoder -}}
+{{- $_ := set $args "decoder" $s.decoder -}}
+{{- end -}}
 {{- $app := dict "name" $s.appName "route_prefix" $s.routePrefix "import_path" "tdm.serve:build_app" "args" $args -}}
 {{- if $s.workingDir -}}
 {{- $_ := set $app "runtime_env" (dict "working_dir" $s.workingDir) -}}
@@ -500,6 +503,12 @@ workerGroupSpecs:
 {{- include "tdm.checkRayName" (list (include "tdm.serve.name" .) "RayService" "serve.name") -}}
 {{- if and (gt (float64 $v.serve.gpusPerReplica) 0.0) (not $v.gpuImage.repository) -}}
 {{- fail (printf "serve.gpusPerReplica is %v but gpuImage.repository is empty: GPU workers need a CUDA build of the tdm image (set gpuImage.repository)" $v.serve.gpusPerReplica) -}}
+{{- end -}}
+{{- if hasPrefix "models:/" $v.serve.decoder -}}
+{{- fail (printf "serve.decoder %s is a registered model; a decoder is a hub id, an s3:// prefix or a path holding an AutoencoderTiny or AutoencoderKL" $v.serve.decoder) -}}
+{{- end -}}
+{{- if and (hasPrefix "s3://" $v.serve.decoder) (not $v.s3.credentialsSecret.name) -}}
+{{- fail (printf "serve.decoder %s is on S3 but s3.credentialsSecret.name is empty: name the Secret with the S3 credentials" $v.serve.decoder) -}}
 {{- end -}}
 {{- $a := $v.serve.autoscaling -}}
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
