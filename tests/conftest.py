@@ -101,12 +101,19 @@ def ray_cluster(tdm_home, s3_server, tmp_path_factory):
 
     import ray
 
+    import shutil
+    import tempfile
+
     gcs, dashboard = free_port(), free_port()
     log = tmp_path_factory.mktemp("ray") / "ray-start.log"
+    # Its own temp dir (short: Ray's Unix socket paths live there), so the head does not become "the most
+    # recent local cluster" in /tmp/ray/ray_current_cluster, where a later plain ray.init() on this
+    # machine (python pipelines/distill.py, a benchmark) would look for it after the session killed it.
+    temp_dir = tempfile.mkdtemp(prefix="tdm-ray-")
     argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus", "4",
             "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
-            "--ray-client-server-port", str(free_port()), "--disable-usage-stats"]
+            "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"]
     # As in the image, `python` (job entrypoints run through a shell) is this environment's interpreter.
     head_env = {**os.environ, "TDM_HOME": str(tdm_home),
                 "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -141,6 +148,7 @@ def ray_cluster(tdm_home, s3_server, tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)  # anything left in the group
     except ProcessLookupError:
         pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
