@@ -8,6 +8,7 @@ Every input check happens before any training starts.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -249,7 +250,11 @@ def _evaluate_and_export(cfg_json: str, checkpoint, teacher_source: str, trackin
         e, K, g = cfg.eval, cfg.student.num_steps, cfg.loss.guidance_scale
         common = dict(num_samples=e.num_samples, seed=e.seed, batch_size=e.batch_size)
         rows, grids = {}, {}
-        identity = {"source": teacher_source, **json.loads((Path(teacher_dir) / "unet" / "config.json").read_text())}
+        # the weights themselves, not just the name: "models:/tdm-toy-teacher/1" of another registry (same
+        # $TDM_HOME, other MLFLOW_TRACKING_URI) is another teacher
+        unet = Path(teacher_dir) / "unet"
+        identity = {"source": teacher_source, **json.loads((unet / "config.json").read_text()),
+                    "weights_sha256": hashlib.sha256((unet / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()}
         cache = _default_home() / "cache" / "eval"
         for name, steps in ((f"teacher@{e.teacher_steps}", e.teacher_steps), (f"teacher_ddim@{K}", K)):
             row, imgs, hit = evaluate_teacher_cached(teacher, evaluator, cache, identity, name=name, steps=steps,

@@ -84,6 +84,16 @@ def resolve_teacher_dir(source: str, tracking_uri: str | None = None, field: str
     return str(download_model(resolve_model_version(source)))
 
 
+def version_cache_key(mv) -> str:
+    """Directory name of a registered version in the model cache. Name and number alone are not enough:
+    two registries (a local store, then a team's MLflow server) both have `tdm-student` version 3, and
+    $TDM_HOME is shared between them; the logged model and run it points at tell them apart."""
+    import hashlib
+
+    ident = f"{mv.source}|{mv.run_id}|{mv.creation_timestamp}"
+    return f"{mv.name}--{mv.version}--{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
 def download_model(mv) -> Path:
     """The pipeline directory of a registered model version, downloaded once per version into
     $TDM_HOME/cache/models and reused (safe when several processes on a node race)."""
@@ -94,7 +104,7 @@ def download_model(mv) -> Path:
     from .progress import quiet_libraries
 
     quiet_libraries()
-    target = model_cache_dir() / f"{mv.name}--{mv.version}"
+    target = model_cache_dir() / version_cache_key(mv)
     if not (target / "MLmodel").is_file():
         model_cache_dir().mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=model_cache_dir(), prefix=".download-"))
