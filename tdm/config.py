@@ -71,8 +71,10 @@ class StudentConfig(Section):
     step_probs: Optional[list[float]] = Field(None, description="Sampling probabilities of step_set (default uniform).")
     t_start: Optional[int] = Field(None, ge=1, description="T_start, top of the uniform grid t_i = round(T_start*i/K) "
                                    "(default: the teacher's last timestep, 999; demo README: 899).")
-    timesteps: Optional[list[int]] = Field(None, description="Explicit descending grid of K timesteps (fixed K only), "
-                                           "e.g. 999,856,665,399; overrides the uniform grid.")
+    timesteps: Optional[list[int] | dict[int, list[int]]] = Field(
+        None, description="Explicit descending grid of K timesteps, e.g. 999,856,665,399; overrides the uniform "
+        "grid. With step_set (TDM-unify): a mapping {K: grid}, e.g. '{\"2\": [999, 399]}'; step counts not in "
+        "it use the uniform grid.")
     finetune: Literal["full", "lora"] = Field("full", description="How the student and the fake score are "
                                               "trained: 'full' = two full trainable copies of the teacher (the "
                                               "paper's main models); 'lora' = two LoRA adapters on one frozen base, "
@@ -93,6 +95,15 @@ class StudentConfig(Section):
     def steps(self) -> list[int]:
         """All step counts the student is trained for."""
         return sorted(self.step_set) if self.step_set else [self.num_steps]
+
+    @property
+    def explicit_grids(self) -> dict[int, list[int]]:
+        """The grids given by `timesteps`, keyed by K ({} = all uniform)."""
+        if self.timesteps is None:
+            return {}
+        if isinstance(self.timesteps, dict):
+            return {int(k): list(v) for k, v in self.timesteps.items()}
+        return {self.num_steps: list(self.timesteps)}
 
 
 class LossConfig(Section):
@@ -142,7 +153,8 @@ class OptimConfig(Section):
                                            "step-count embeddings of student and fake score (not in the paper; "
                                            "toy: 20 gave @4 FID 9.2 vs 11.1 at 1).")
     fake_updates_per_step: int = Field(1, ge=1, description="Fake-score updates per student update (paper: 1; "
-                                       "DMD2: 5-10).")
+                                       "DMD2: 5-10). Toy: 2 at the default lr_fake diverged after ~1000 "
+                                       "iterations.")
 
     @model_validator(mode="after")
     def _betas(self):
@@ -254,13 +266,16 @@ class TDMConfig(Section):
                 raise ValueError("student.step_probs needs student.step_set of the same length")
             if any(p < 0 for p in s.step_probs) or sum(s.step_probs) <= 0:
                 raise ValueError(f"student.step_probs must be non-negative with a positive sum, got {s.step_probs}")
-        if s.timesteps is not None:
-            if s.unify:
-                raise ValueError("student.timesteps is for a fixed K; TDM-unify (student.step_set) uses uniform grids")
-            if len(s.timesteps) != s.num_steps:
-                raise ValueError(f"student.timesteps has {len(s.timesteps)} entries, student.num_steps is {s.num_steps}")
-            if any(a <= b for a, b in zip(s.timesteps, s.timesteps[1:])) or s.timesteps[-1] <= 0:
-                raise ValueError(f"student.timesteps must be strictly descending and > 0, got {s.timesteps}")
+        if isinstance(s.timesteps, list) and s.unify:
+            raise ValueError("student.timesteps: with student.step_set give a mapping {K: grid}, e.g. "
+                             "'{\"2\": [999, 399]}'")
+        for k, grid in s.explicit_grids.items():
+            if k not in s.steps:
+                raise ValueError(f"student.timesteps: K={k} is not a trained step count {s.steps}")
+            if len(grid) != k:
+                raise ValueError(f"student.timesteps has {len(grid)} entries for K={k}")
+            if any(a <= b for a, b in zip(grid, grid[1:])) or grid[-1] <= 0:
+                raise ValueError(f"student.timesteps must be strictly descending and > 0, got {grid} for K={k}")
         t = self.train
         if t.batch_size % (t.num_workers * t.grad_accum_steps):
             raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by train.num_workers x "
@@ -347,7 +362,7 @@ def _parse_value(raw: str, ann) -> Any:
         return None
     if _is_sequence(ann):
         raw = raw.strip()
-        if raw.startswith("["):
+        if raw.startswith(("[", "{")):
             return json.loads(raw)
         return [] if raw == "" else [x.strip() for x in raw.split(",")]
     return raw

@@ -31,13 +31,14 @@ def student_grids(student: StudentConfig, schedule: NoiseSchedule) -> dict[int, 
     t_start = student.t_start if student.t_start is not None else schedule.max_timestep
     if t_start > schedule.max_timestep:
         raise ValueError(f"student.t_start ({t_start}) exceeds the teacher's last timestep {schedule.max_timestep}")
-    if student.timesteps is not None:
-        if student.timesteps[0] > schedule.max_timestep:
-            raise ValueError(f"student.timesteps start at {student.timesteps[0]}, beyond the teacher's last "
-                             f"timestep {schedule.max_timestep}")
-        return {student.num_steps: list(student.timesteps)}
     grids = {}
     for k in student.steps:
+        if k in student.explicit_grids:
+            grids[k] = student.explicit_grids[k]
+            if grids[k][0] > schedule.max_timestep:
+                raise ValueError(f"student.timesteps start at {grids[k][0]}, beyond the teacher's last "
+                                 f"timestep {schedule.max_timestep}")
+            continue
         if k > t_start:
             raise ValueError(f"student.num_steps/step_set: K={k} is larger than the schedule allows "
                              f"(t_start={t_start} timesteps)")

@@ -29,6 +29,10 @@ def test_defaults_document_every_field():
     ({"student": {"step_set": [1, 2]}}, "student.num_steps .4. must be one of"),
     ({"student": {"timesteps": [999, 500]}}, "student.timesteps has 2 entries"),
     ({"student": {"num_steps": 2, "timesteps": [500, 999]}}, "descending"),
+    ({"student": {"step_set": [1, 2, 4], "timesteps": [999, 749, 500, 250]}}, "student.timesteps: with .*mapping"),
+    ({"student": {"step_set": [1, 2, 4], "timesteps": {3: [999, 666, 333]}}}, "K=3 is not a trained step count"),
+    ({"student": {"step_set": [1, 2, 4], "timesteps": {2: [999]}}}, "1 entries for K=2"),
+    ({"student": {"step_set": [1, 2, 4], "timesteps": {2: [399, 999]}}}, "descending"),
     ({"train": {"batch_size": 63, "num_workers": 2}}, "divisible"),
     ({"loss": {"interval": "sideways"}}, "loss.interval"),
     ({"loss": {"guidance_scale": 0.5}}, "loss.guidance_scale"),
@@ -46,6 +50,9 @@ def test_command_line_types():
     assert cfg.loss.randmid is True and cfg.optim.betas == (0.0, 0.95) and cfg.loss.snr_gamma is None
     assert cfg.optim.lr_fake == 1e-4 and cfg.name == "x"
     assert parse("--data.prompts", '["a, b", "c"]').data.prompts == ["a, b", "c"]
+    unify = parse("--student.step_set", "1,2,4", "--student.timesteps", '{"2": [999, 399]}').student
+    assert unify.explicit_grids == {2: [999, 399]}
+    assert parse("--student.timesteps", "999,700,400,100").student.explicit_grids == {4: [999, 700, 400, 100]}
 
 
 def test_config_file_then_flags(tmp_path):

@@ -70,6 +70,15 @@ def test_step_probabilities_follow_the_given_order(tiny_toy_dir):
     assert {d.sample_num_steps(torch.Generator().manual_seed(i)) for i in range(50)} == {4}
 
 
+def test_unify_grids_explicit_per_step_count(tiny_toy_dir):
+    """TDM-unify with a grid given for K=2 only: K=2 trains and samples on it, 1 and 4 stay uniform."""
+    b = load_backbone(tiny_toy_dir)
+    cfg = load_config({"student": {"step_set": [1, 2, 4], "timesteps": {"2": [999, 399]}}})
+    assert student_grids(cfg.student, b.schedule) == {1: [999], 2: [999, 399], 4: [999, 749, 500, 250]}
+    fixed = load_config({"student": {"num_steps": 3, "timesteps": [999, 600, 200]}})
+    assert student_grids(fixed.student, b.schedule) == {3: [999, 600, 200]}
+
+
 def test_grid_validation_names_the_problem(tiny_toy_dir):
     b = load_backbone(tiny_toy_dir)
     cfg = load_config({"student": {"num_steps": 2, "t_start": 1500}})
