@@ -102,7 +102,7 @@ class StudentConfig(Section):
         if self.timesteps is None:
             return {}
         if isinstance(self.timesteps, dict):
-            return {int(k): list(v) for k, v in self.timesteps.items()}
+            return {k: list(v) for k, v in self.timesteps.items()}
         return {self.num_steps: list(self.timesteps)}
 
 

@@ -31,18 +31,18 @@ def student_grids(student: StudentConfig, schedule: NoiseSchedule) -> dict[int, 
     t_start = student.t_start if student.t_start is not None else schedule.max_timestep
     if t_start > schedule.max_timestep:
         raise ValueError(f"student.t_start ({t_start}) exceeds the teacher's last timestep {schedule.max_timestep}")
-    grids = {}
+    explicit, grids = student.explicit_grids, {}
     for k in student.steps:
-        if k in student.explicit_grids:
-            grids[k] = student.explicit_grids[k]
-            if grids[k][0] > schedule.max_timestep:
-                raise ValueError(f"student.timesteps start at {grids[k][0]}, beyond the teacher's last "
-                                 f"timestep {schedule.max_timestep}")
-            continue
-        if k > t_start:
+        if k in explicit:
+            if explicit[k][0] > schedule.max_timestep:
+                raise ValueError(f"student.timesteps start at {explicit[k][0]} for K={k}, beyond the teacher's "
+                                 f"last timestep {schedule.max_timestep}")
+            grids[k] = explicit[k]
+        elif k > t_start:
             raise ValueError(f"student.num_steps/step_set: K={k} is larger than the schedule allows "
                              f"(t_start={t_start} timesteps)")
-        grids[k] = uniform_grid(k, t_start)
+        else:
+            grids[k] = uniform_grid(k, t_start)
     return grids
 
 

@@ -253,8 +253,9 @@ def _evaluate_and_export(cfg_json: str, checkpoint, teacher_source: str, trackin
         # the weights themselves, not just the name: "models:/tdm-toy-teacher/1" of another registry (same
         # $TDM_HOME, other MLFLOW_TRACKING_URI) is another teacher
         unet = Path(teacher_dir) / "unet"
+        weights = (unet / "diffusion_pytorch_model.safetensors").read_bytes()
         identity = {"source": teacher_source, **json.loads((unet / "config.json").read_text()),
-                    "weights_sha256": hashlib.sha256((unet / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()}
+                    "weights_sha256": hashlib.sha256(weights).hexdigest()}
         cache = _default_home() / "cache" / "eval"
         for name, steps in ((f"teacher@{e.teacher_steps}", e.teacher_steps), (f"teacher_ddim@{K}", K)):
             row, imgs, hit = evaluate_teacher_cached(teacher, evaluator, cache, identity, name=name, steps=steps,

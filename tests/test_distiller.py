@@ -84,6 +84,9 @@ def test_grid_validation_names_the_problem(tiny_toy_dir):
     cfg = load_config({"student": {"num_steps": 2, "t_start": 1500}})
     with pytest.raises(ValueError, match="t_start"):
         student_grids(cfg.student, b.schedule)
+    cfg = load_config({"student": {"step_set": [1, 2], "num_steps": 2, "timesteps": {2: [1500, 500]}}})
+    with pytest.raises(ValueError, match="student.timesteps start at 1500 for K=2"):
+        student_grids(cfg.student, b.schedule)
     cfg = load_config({"student": {"num_steps": 1000}})
     with pytest.raises(ValueError, match="larger than the schedule"):
         student_grids(cfg.student, b.schedule)
