@@ -145,10 +145,11 @@ def memory(arch: str, latent: int, device: str, checkpointing: bool) -> None:
 def latency(arch: str, latent: int, device: str, repeats: int, batches: list[int]) -> None:
     from diffusers import AutoencoderTiny
 
-    from tdm.pipeline import TDMPipeline, teacher_spec
+    from tdm.generation import TDMPipeline, model_spec, teacher_spec
+    from tdm.sampler import uniform_grid
 
     b = real_backbone(arch, latent, device)
-    student = TDMPipeline(b, {"kind": "student", "num_steps": 4, "guidance_scale": 7.5, "t_start": 999})
+    student = TDMPipeline(b, model_spec(b, "student", 4, 7.5, grids={4: uniform_grid(4, b.schedule.max_timestep)}))
     teacher = TDMPipeline(b, teacher_spec(b, num_steps=25, guidance_scale=7.5))
     full_vae = b.vae
     with torch.device(device):
@@ -157,11 +158,11 @@ def latency(arch: str, latent: int, device: str, repeats: int, batches: list[int
     # denoiser-only cost: network seconds counted by hooks (synchronised on a GPU so they measure the work)
     spent, starts = {"s": 0.0}, []
 
-    def pre(m, a):
+    def pre(_module, _args):
         _sync(device)
         starts.append(time.perf_counter())
 
-    def post(m, a, o):
+    def post(_module, _args, _out):
         _sync(device)
         spent["s"] += time.perf_counter() - starts.pop()
 
@@ -176,7 +177,8 @@ def latency(arch: str, latent: int, device: str, repeats: int, batches: list[int
         _sync(device)
         return (time.perf_counter() - t0) / batch, spent["s"] / batch
 
-    tag = f"{arch}, {device}, {latent * 8}px, bf16" + (f", {torch.get_num_threads()} threads" if device == "cpu" else "")
+    threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
+    tag = f"{arch}, {device}, {latent * 8}px, bf16{threads}"
     for batch in batches:
         res = {}
         for decoder, vae in (("VAE", full_vae), ("tiny decoder", tiny_vae)):
@@ -216,7 +218,7 @@ def main():
         p.error("--device cuda: no CUDA device is available")
     image_latent = args.image_latent or {"sd15": 64, "sdxl": 128}[args.arch]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tdm.progress import quiet_libraries
+    from tdm.console import quiet_libraries
     quiet_libraries()
     if args.what == "_memory_child":
         print(json.dumps(memory_child(args.finetune, args.arch, args.latent, args.device,

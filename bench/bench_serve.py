@@ -53,8 +53,10 @@ def main():
     import ray
     from ray import serve
 
-    from tdm.pipeline import to_png_bytes
-    from tdm.serve import _load, build_app
+    from tdm.images import to_png_bytes
+    from tdm.serve import build_app
+    from tdm.serve.generator import load_served_model
+    from tdm.serve.protocol import GenerationJob
 
     # Two apps, each generator reserving every core: they are measured one at a time, never together.
     cores = os.cpu_count()
@@ -75,7 +77,8 @@ def main():
         u = closed_loop(f"{base}/unbatched/v1/images/generations", c, args.seconds)
         print(f"{c:>11}{b:>15.1f}{u:>17.1f}{b / u:>8.2f}x")
 
-    pipe, info = _load(args.model_uri, None)
+    pipe, model = load_served_model(args.model_uri, None)
+    params = model.spec.check_generation()
 
     def bare(i):
         t0 = time.perf_counter()
@@ -87,18 +90,18 @@ def main():
 
     def http(i):
         t0 = time.perf_counter()
-        session.post(url, json={"prompt": f"a handwritten digit {i % 10}", "n": 1, "seed": i}, timeout=60).raise_for_status()
+        body = {"prompt": f"a handwritten digit {i % 10}", "n": 1, "seed": i}
+        session.post(url, json=body, timeout=60).raise_for_status()
         return time.perf_counter() - t0
 
     generator = serve.get_deployment_handle("TDMGenerator", "unbatched")
 
     def handle(i):
         t0 = time.perf_counter()
-        generator.generate.remote({"prompt": f"a handwritten digit {i % 10}", "n": 1, "seed": i, "steps": info["default_steps"],
-                                   "scale": 1}).result()
+        generator.generate.remote(GenerationJob(f"a handwritten digit {i % 10}", 1, params, i, 1, model.id)).result()
         return time.perf_counter() - t0
 
-    def rejected(i):
+    def rejected(_i):
         t0 = time.perf_counter()
         assert session.post(url, json={"prompt": ""}, timeout=60).status_code == 400
         return time.perf_counter() - t0

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 
-
 def iteration_overhead(pipeline_dir: str, batch: int, K: int, reps: int) -> dict:
     from tdm.backbones import load_backbone, predict_x0_eps
     from tdm.backbones.base import cond_cat
@@ -85,7 +84,7 @@ def worker_scaling(steps: int) -> dict:
     from mlflow import MlflowClient
 
     from tdm.config import load_config
-    from tdm.run import distill
+    from tdm.job import distill
 
     home = tempfile.mkdtemp(prefix="tdm-bench-")
     os.environ["TDM_HOME"] = home

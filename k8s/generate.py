@@ -53,7 +53,7 @@ def _check_plain(template: str, docs: list[dict]) -> None:
 
 def render() -> dict[str, str]:
     """{file name: text} of the plain manifests, one file per chart template that renders objects."""
-    import helm_python as helm       # a test extra: pip install -c constraints.txt -e ".[test]"
+    import helm_python as helm  # a test extra: pip install -c constraints.txt -e ".[test]"
 
     chart = helm.Chart.load(CHART)
     try:

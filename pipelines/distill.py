@@ -12,7 +12,7 @@ Every option is a config field (`--section.field value`); `--config FILE.yaml` s
 """
 import sys
 
-from tdm.config import build_arg_parser, config_from_args, run_cli
+from tdm.cli import build_arg_parser, config_from_args, print_summary, run_cli
 
 
 def main(argv=None) -> int:
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
         if getattr(args, "print_config", False):
             print(cfg.model_dump_json(indent=2))
             return
-        from tdm.run import distill, print_summary
+        from tdm.job import distill
 
         print_summary(distill(cfg))
 

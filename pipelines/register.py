@@ -9,7 +9,7 @@ Options after --checkpoint override the run's config (e.g. --gate.*, --eval.*, -
 """
 import sys
 
-from tdm.config import build_arg_parser, config_from_args, run_cli
+from tdm.cli import build_arg_parser, config_from_args, print_summary, run_cli
 
 
 def main(argv=None) -> int:
@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        from tdm.run import print_summary, register_checkpoint
+        from tdm.job import register_checkpoint
 
         print_summary(register_checkpoint(args.checkpoint, lambda base: config_from_args(args, base)))
 

@@ -19,7 +19,7 @@ $MLFLOW_TRACKING_URI, else the job's own MLFLOW_TRACKING_URI (when this runs ins
 """
 import sys
 
-from tdm.config import build_arg_parser, run_cli
+from tdm.cli import build_arg_parser, run_cli
 
 
 def main(argv=None) -> int:

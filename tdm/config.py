@@ -4,32 +4,20 @@ Every constant of the paper or the official demo is a named field here, with its
 published value in the description. Unknown keys are errors. The resolved config is logged to
 MLflow and stored in every checkpoint and exported model.
 
-Sources for the "paper"/"demo" values: ../shared/notes/tdm-method.md (§1.7 and §5).
+Sources of the "paper" and "demo" values: docs/method.md §6 (settings and where they come from).
+The command line over this schema is `tdm.cli`.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import types
-import typing
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; the message names the offending field."""
+from .errors import ConfigError, validation_message
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _default_home() -> Path:
-    """Where tdm keeps its local state (MLflow store, checkpoints): $TDM_HOME, default ~/.tdm."""
-    return Path(os.environ.get("TDM_HOME", Path.home() / ".tdm")).expanduser()
 
 
 class TeacherConfig(Section):
@@ -314,121 +302,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _format_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            parts.append(f"unknown config key '{loc}'")
-        elif loc:
-            parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
-        else:
-            parts.append(msg)
-    return "; ".join(parts)
-
-
 def load_config(data: dict | None = None) -> TDMConfig:
     """Validate a nested dict into a TDMConfig; raises ConfigError naming the field."""
     try:
         return TDMConfig.model_validate(data or {})
     except ValidationError as e:
-        raise ConfigError(_format_error(e)) from None
-
-
-# ---------------------------------------------------------------- command line
-# Every leaf field becomes a flag --section.field (or --field at top level); `--config FILE` reads
-# YAML/JSON first and flags override it.
-
-def _leaf_fields(model: type[BaseModel], prefix: str = ""):
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            yield from _leaf_fields(ann, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", f
-
-
-def _is_sequence(ann) -> bool:
-    for a in (ann, *typing.get_args(ann)):
-        if typing.get_origin(a) in (list, tuple):
-            return True
-    return False
-
-
-def _parse_value(raw: str, ann) -> Any:
-    optional = type(None) in typing.get_args(ann) or isinstance(ann, types.UnionType) and type(None) in ann.__args__
-    if optional and raw.strip().lower() in ("none", "null"):
-        return None
-    if _is_sequence(ann):
-        raw = raw.strip()
-        if raw.startswith(("[", "{")):
-            return json.loads(raw)
-        return [] if raw == "" else [x.strip() for x in raw.split(",")]
-    return raw
-
-
-def build_arg_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="%(prog)s [--config FILE] [--section.field VALUE ...]",
-                                argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="YAML or JSON file with a (partial) nested config; flags override it.")
-    p.add_argument("--print-config", action="store_true", help="Print the resolved config as JSON and exit.")
-    defaults = flatten(TDMConfig().model_dump(mode="json"))
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for key, f in _leaf_fields(TDMConfig):
-        section = key.split(".")[0] if "." in key else "run"
-        g = groups.setdefault(section, p.add_argument_group(section))
-        default = defaults[key]
-        help_ = f"{f.description} [default: {default if default is not None else 'none'}]".replace("%", "%%")
-        g.add_argument(f"--{key}", dest=key, metavar="V", help=help_)
-    return p
-
-
-def config_from_args(args: argparse.Namespace, base: dict | None = None) -> TDMConfig:
-    """Merge `base` (e.g. a checkpoint's config), then --config FILE, then --section.field flags into a
-    validated TDMConfig."""
-    import copy
-
-    import yaml
-
-    data: dict[str, Any] = copy.deepcopy(base) if base else {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config: file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {path} must contain a mapping of config sections")
-        for section, values in loaded.items():
-            if isinstance(values, dict) and isinstance(data.get(section), dict):
-                data[section].update(values)
-            else:
-                data[section] = values
-    fields = dict(_leaf_fields(TDMConfig))
-    for key, raw in vars(args).items():
-        if key not in fields:
-            continue
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{part}: expected a section, got {node!r}")
-        try:
-            node[leaf] = _parse_value(raw, fields[key].annotation)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--{key}: cannot parse {raw!r}: {e}") from None
-    return load_config(data)
-
-
-def run_cli(prog: str, job) -> int:
-    """Run job() for an entry point: a ConfigError becomes one line on stderr and exit code 2."""
-    import sys
-
-    try:
-        job()
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        raise ConfigError(validation_message(e, "config key")) from None

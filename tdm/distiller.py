@@ -1,6 +1,6 @@
 """One TDM iteration over the three roles (teacher, student, fake score). No Ray, no MLflow.
 
-Forward passes per iteration, the minimum the method needs (tdm-method.md §2.3 lists the demo's waste):
+Forward passes per iteration, the minimum the method needs (docs/method.md §8):
   rollout          K student forwards, no grad, keeping every (x_t, x0, eps)
   fake-score step  1 fake forward + backward; x0/eps come from the rollout (the demo recomputes them,
                    and runs a teacher forward whose output it never reads)
@@ -19,9 +19,17 @@ from torch import nn
 
 from .backbones.base import Cond, cond_cat, predict_x0_eps, trainable_parameters
 from .config import LossConfig, OptimConfig, StudentConfig
-from .losses import (check_grid_margins, classifier_free_guidance, fake_score_loss, generator_loss,
-                     generator_normaliser, importance_weight, sample_noise_levels, sample_trajectory_index,
-                     tdm_target)
+from .losses import (
+    check_grid_margins,
+    classifier_free_guidance,
+    fake_score_loss,
+    generator_loss,
+    generator_normaliser,
+    importance_weight,
+    sample_noise_levels,
+    sample_trajectory_index,
+    tdm_target,
+)
 from .sampler import Trajectory, grid_levels, sample, uniform_grid
 from .schedules import NoiseSchedule, ddim_step, mixed_noise, snr, transition
 
@@ -176,7 +184,7 @@ class TDMDistiller:
         x_tau = transition(x_r, a_r, s_r, a_t, s_t, lv.z)
         return x_tau, (a_r, s_r, a_t, s_t)
 
-    def _update(self, module: nn.Module, opt, sched, scaler) -> float:
+    def _update(self, opt, sched, scaler) -> float:
         """(All-reduce,) unscale, clip (returns the pre-clip grad norm), optimizer and LR-scheduler step."""
         params = [p for group in opt.param_groups for p in group["params"]]  # this role's, not the shared base's
         if self.grad_sync is not None:
@@ -195,7 +203,8 @@ class TDMDistiller:
 
     def _backward(self, loss: torch.Tensor, module: nn.Module, scaler, last: bool) -> None:
         """Accumulate gradients; DDP all-reduces only on the last micro-batch."""
-        sync = module.no_sync() if (not last and hasattr(module, "no_sync")) else contextlib.nullcontext()
+        no_sync = getattr(module, "no_sync", None)
+        sync = no_sync() if (not last and no_sync is not None) else contextlib.nullcontext()
         with sync:
             (scaler.scale(loss) if scaler is not None else loss).backward()
 
@@ -251,7 +260,7 @@ class TDMDistiller:
                 levels.append(lv)
                 loss_f += loss.item() / n
                 w_mean += w.mean().item() / n
-            gn = self._update(self.fake, self.opt_fake, self.sched_fake, self.scaler_fake)
+            gn = self._update(self.opt_fake, self.sched_fake, self.scaler_fake)
             metrics.update(loss_fake=loss_f, grad_norm_fake=gn, importance_weight=w_mean)
         if self.loss_cfg.resample_for_generator:
             levels = [self._draw_levels(traj, K, generator)[0] for traj in trajs]
@@ -262,7 +271,7 @@ class TDMDistiller:
             self._backward(loss / n, self.student, self.scaler_student, last=j == n - 1)
             loss_s += loss.item() / n
             gap += g.item() / n
-        gn = self._update(self.student, self.opt_student, self.sched_student, self.scaler_student)
+        gn = self._update(self.opt_student, self.sched_student, self.scaler_student)
         if self.ema is not None:
             self.ema.update(self.student)
         metrics.update(loss_student=loss_s, grad_norm_student=gn, score_gap=gap, num_steps=K)

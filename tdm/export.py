@@ -1,48 +1,90 @@
-"""The MLflow pyfunc model shared by registered teachers and students (the model contract).
+"""Writing a model directory: a diffusers-layout pipeline that stock diffusers loads and samples like
+tdm does, plus the self-description (tdm_model.json, the ModelSpec).
 
-    model = mlflow.pyfunc.load_model("models:/tdm-student@champion")
-    pngs = model.predict(pd.DataFrame({"prompt": [...]}),
-                         params={"num_inference_steps": 4, "guidance_scale": 2.0, "seed": 0})
-
-returns one PNG (bytes) per prompt. Students default to their K and their distilled guidance;
-teachers honour both parameters. Image i is seeded with seed + i: same seed, same images.
-
-Load-time options go in MLflow's `model_config`:
-
-    model = mlflow.pyfunc.load_model(uri, model_config={"decoder": "madebyollin/taesd"})
-
-- `decoder`: an autoencoder (AutoencoderTiny or AutoencoderKL: a hub id, a local diffusers directory
-  or an s3:// prefix) to decode with instead of the model's own VAE; default: the model's VAE.
+- A LoRA student is merged into full weights; its adapter is also written to `lora/` in diffusers format
+  (`pipe.load_lora_weights`) where the family's pipeline has a LoRA loader.
+- A student's scheduler is configured to reproduce tdm's sampler, and `ModelSpec.diffusers` records the
+  call (timesteps or sigmas) that does it (README, "Export that stock diffusers loads").
+- A TDM-unify student's step embedding goes to `step_embedding.safetensors` (no diffusers equivalent).
 """
 from __future__ import annotations
 
-import mlflow.pyfunc
+from pathlib import Path
 
-#: model_config keys load_context understands
-MODEL_CONFIG_KEYS = ("decoder",)
+import torch
+
+from .sampler import uniform_grid
+from .spec import STEP_EMBEDDING_FILE, DiffusersUsage, ModelSpec
+
+LORA_DIR = "lora"                           # the LoRA student's adapter, diffusers format
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-class TDMPyfuncModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        from tdm.pipeline import TDMPipeline, inference_device
+def save_model_dir(pipe, path: str | Path) -> None:
+    """Write `pipe` (a tdm.generation.TDMPipeline) as a model directory at `path`."""
+    from safetensors.torch import save_file
 
-        config = dict(getattr(context, "model_config", None) or {})
-        unknown = sorted(set(config) - set(MODEL_CONFIG_KEYS))
-        if unknown:  # a misspelt option would otherwise be ignored silently
-            raise ValueError(f"model_config: unknown option(s) {unknown}; allowed: {list(MODEL_CONFIG_KEYS)}")
-        self.pipe = TDMPipeline.from_pretrained(context.artifacts["pipeline"], device=inference_device(),
-                                                decoder=config.get("decoder"))
+    path = Path(path)
+    backbone, denoiser, spec = pipe.backbone, pipe.denoiser, pipe.spec
+    net = denoiser.net
+    if denoiser.adapter is not None:
+        net = merged_network(net, denoiser.adapter)
+    scheduler = None
+    usage = None
+    if spec.kind == "student":
+        scheduler = stock_scheduler_config(backbone.scheduler_config, backbone.schedule)
+        usage = diffusers_usage(backbone, spec, scheduler)
+    backbone.save_pretrained(path, net, scheduler_config=scheduler)
+    if denoiser.adapter is not None and backbone.save_lora(path / LORA_DIR, denoiser.net, denoiser.adapter):
+        usage = usage.model_copy(update={"lora": f"{LORA_DIR}/{LORA_WEIGHTS}"})
+    spec.model_copy(update={"diffusers": usage}).save(path)
+    if denoiser.step_embedding is not None:
+        save_file({"weight": denoiser.step_embedding.embedding.weight.detach().cpu().contiguous()},
+                  str(path / STEP_EMBEDDING_FILE))
 
-    def predict(self, context, model_input, params=None) -> list[bytes]:
-        from tdm.pipeline import to_png_bytes
 
-        params = params or {}
-        if hasattr(model_input, "columns"):
-            if "prompt" not in model_input.columns:
-                raise ValueError("prompt: the input DataFrame needs a 'prompt' column")
-            prompts = [str(p) for p in model_input["prompt"].tolist()]
-        else:
-            prompts = [str(p) for p in model_input]
-        images = self.pipe(prompts, num_inference_steps=params.get("num_inference_steps"),
-                           guidance_scale=params.get("guidance_scale"), seed=int(params.get("seed", 0) or 0))
-        return to_png_bytes(images)
+def merged_network(net: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """A plain copy of a LoRA-carrying network with `adapter` merged into its weights (W + s*B@A) and
+    every adapter removed; `net` itself is untouched."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    with_lora = copy.deepcopy(net)
+    for m in with_lora.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge(adapter_names=[adapter])
+    # the merged weights sit in `<layer>.base_layer.*`; drop the adapters and load into a plain model
+    state = {k.replace(".base_layer.", "."): v for k, v in with_lora.state_dict().items() if "lora_" not in k}
+    plain = type(net).from_config(net.config).to(device=next(net.parameters()).device,
+                                                   dtype=next(iter(state.values())).dtype)
+    plain.load_state_dict(state)
+    return plain.eval().requires_grad_(False)
+
+
+def stock_scheduler_config(teacher_config: dict, schedule) -> dict:
+    """A stock diffusers scheduler config that reproduces tdm's deterministic sampler on the teacher's
+    noise schedule: first-order DPM-Solver++ is exactly DDIM with eta = 0 (Lu et al. 2022, eq. 9 with
+    k = 1), and accepts the student's explicit timesteps; flow-matching Euler is the same step for
+    rectified flow. The last step lands on sigma = 0, i.e. returns the x0 prediction as tdm does."""
+    import diffusers
+
+    if schedule.kind == "flow":
+        return dict(diffusers.FlowMatchEulerDiscreteScheduler.from_config(teacher_config).config)
+    return dict(diffusers.DPMSolverMultistepScheduler.from_config(
+        teacher_config, solver_order=1, algorithm_type="dpmsolver++", final_sigmas_type="zero",
+        use_karras_sigmas=False, thresholding=False, timestep_spacing="trailing").config)
+
+
+def diffusers_usage(backbone, spec: ModelSpec, scheduler: dict) -> DiffusersUsage:
+    """How to sample the exported student with stock diffusers, at its default step count."""
+    steps = spec.default_steps
+    grid = spec.grids.get(steps) or uniform_grid(steps, spec.max_timestep)
+    call: dict = {"num_inference_steps": steps, "guidance_scale": 1.0, **backbone.stock_call_kwargs}
+    if backbone.schedule.kind == "flow":  # the scheduler shifts the sigmas it is given, as tdm's schedule does
+        call["sigmas"] = [t / backbone.schedule.num_train_timesteps for t in grid]
+    else:
+        call["timesteps"] = list(grid)
+    return DiffusersUsage(pipeline=backbone.pipeline_class, scheduler=scheduler["_class_name"], call=call,
+                          step_conditioned=spec.step_conditioned)
+

@@ -1,4 +1,4 @@
-"""The TDM objectives (tdm-method.md §1.3-§1.6): noise-level sampling, the fake-score loss and the
+"""The TDM objectives (docs/method.md §3-§5): noise-level sampling, the fake-score loss and the
 generator loss. Pure functions over tensors; `tdm.distiller` wires them to the three networks.
 
 Conventions: x0 tensors are (B, ...); per-sample quantities are (B,); `levels` is the ascending
@@ -15,7 +15,8 @@ GeneratorLoss = Literal["huber", "huber_vector", "mse"]
 
 
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """CFG, diffusers / Ho & Salimans convention: uncond + scale (cond - uncond); scale 1 = conditional only.
+    """CFG, diffusers / Ho & Salimans convention: uncond + scale (cond - uncond); scale 1 = conditional only
+    (docs/method.md eq. 3.5).
 
     Linear in the prediction, so it is the same in x0, eps and v space for a fixed x_t. The demo's
     `cond + (cfg - 1)(cond - uncond)` is this formula with scale = cfg.
@@ -53,7 +54,7 @@ def _uniform(lo: torch.Tensor, hi: torch.Tensor, discrete: bool, generator: torc
 def sample_noise_levels(levels: torch.Tensor, k: torch.Tensor, *, mode: IntervalMode, margin_low: float,
                         margin_high: float, randmid: bool, randmid_margin: float, discrete: bool,
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample (u, r, tau) per sample for trajectory points k (B,) (tdm-method.md §1.4 steps 1-3).
+    """Sample (u, r, tau) per sample for trajectory points k (B,) (docs/method.md §4 steps 1-3, eq. 4.1).
 
     u = t_k is where the student is evaluated, r = t_{k-1} the next grid point (randmid: r ~ U[r, u - randmid_margin)),
     tau ~ U[max(r, margin_low), u - margin_high) in mode "separate" (disjoint intervals, eq. 5) or
@@ -69,7 +70,8 @@ def sample_noise_levels(levels: torch.Tensor, k: torch.Tensor, *, mode: Interval
 
 
 def importance_weight(m: torch.Tensor, z: torch.Tensor, max_weight: float | None = None) -> torch.Tensor:
-    """Tempered importance weight q(x_tau|x0_hat)/q(x_tau|x_r) per dimension: exp(-mean(m^2)/2 + mean(z^2)/2) (eq. 7).
+    """Tempered importance weight q(x_tau|x0_hat)/q(x_tau|x_r) per dimension: exp(-mean(m^2)/2 + mean(z^2)/2)
+    (paper eq. 7; docs/method.md eq. 4.3).
 
     m is the mixed noise (target kernel), z the transition noise (proposal kernel); (B,) float32 out.
     """
@@ -81,7 +83,8 @@ def importance_weight(m: torch.Tensor, z: torch.Tensor, max_weight: float | None
 
 def fake_score_loss(x0_fake: torch.Tensor, x0_target: torch.Tensor, snr_tau: torch.Tensor, weight: torch.Tensor,
                     snr_gamma: float | None) -> torch.Tensor:
-    """Fake-score loss (eq. 7): mean_b[ w_b * min(SNR(tau_b), gamma) * mean_j (f_psi - x0_hat)^2 ].
+    """Fake-score loss (paper eq. 7; docs/method.md eq. 4.2):
+    mean_b[ w_b * min(SNR(tau_b), gamma) * mean_j (f_psi - x0_hat)^2 ].
 
     Min-SNR-gamma on an x0-MSE equals min(1, gamma/SNR) on the eps-MSE; gamma None disables the clamp
     (weight = SNR, i.e. plain eps-MSE).
@@ -92,7 +95,8 @@ def fake_score_loss(x0_fake: torch.Tensor, x0_target: torch.Tensor, snr_tau: tor
 
 
 def generator_normaliser(x0: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
-    """Per-sample DMD normaliser n_b = mean_j |x0 - x0_real| (Yin et al. 2024, eq. 8), float64, no grad."""
+    """Per-sample DMD normaliser n_b = mean_j |x0 - x0_real| (Yin et al. 2024, eq. 8; docs/method.md §3), float64,
+    no grad."""
     n = (x0.detach().double() - x0_real.double()).abs().mean(tuple(range(1, x0.ndim)))
     return n.clamp_min(1e-12)
 
@@ -104,7 +108,8 @@ def pseudo_huber(diff: torch.Tensor, c: float) -> torch.Tensor:
 
 def generator_loss(x0: torch.Tensor, target: torch.Tensor, normaliser: torch.Tensor | None, kind: GeneratorLoss,
                    c: float) -> torch.Tensor:
-    """Regression of the student's x0 onto the stop-gradient TDM target (eq. 6 / the surrogate objective).
+    """Regression of the student's x0 onto the stop-gradient TDM target (paper eq. 6 and its surrogate objective;
+    docs/method.md eqs. 3.6-3.8).
 
     huber:        mean_{b,j} [ pseudo_huber(x0 - target, c) / n_b ]           (demo, c = 1e-3)
     huber_vector: mean_b     [ (sqrt(||x0 - target||^2 + c^2) - c) / n_b ]      (paper, c = 0.00054 sqrt(d))
@@ -127,5 +132,6 @@ def generator_loss(x0: torch.Tensor, target: torch.Tensor, normaliser: torch.Ten
 
 
 def tdm_target(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """Stop-gradient revised sample x0 + (x0_real - x0_fake): one step along s_real - s_fake (eq. 6, demo `coop_samples`)."""
+    """Stop-gradient revised sample x0 + (x0_real - x0_fake): one step along s_real - s_fake (paper eq. 6;
+    docs/method.md eq. 3.4; demo `coop_samples`)."""
     return (x0 + (x0_real - x0_fake)).detach()

@@ -1,6 +1,6 @@
 """MLflow "models from code" entry point: mlflow executes this file when it loads a tdm model."""
 import mlflow
 
-from tdm.export import TDMPyfuncModel
+from tdm.pyfunc import TDMPyfuncModel
 
 mlflow.models.set_model(TDMPyfuncModel())

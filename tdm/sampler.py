@@ -7,7 +7,7 @@ grid point; the last step returns its x0 prediction, i.e. the terminal level t_0
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence, overload
 
 import torch
 
@@ -18,7 +18,7 @@ Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 
 def uniform_grid(num_steps: int, t_start: int) -> list[int]:
-    """Uniform student grid t_i = round(T_start * i / K) for i = K..1 (tdm-method.md §1.2), descending."""
+    """Uniform student grid t_i = round(T_start * i / K) for i = K..1 (docs/method.md eq. 2.1), descending."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if num_steps > t_start:
@@ -47,6 +47,16 @@ class Trajectory:
     @property
     def final(self) -> torch.Tensor:
         return self.x0[-1]
+
+
+@overload
+def sample(predict: Predictor, noise: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
+           keep_trajectory: Literal[False] = False) -> torch.Tensor: ...
+
+
+@overload
+def sample(predict: Predictor, noise: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
+           keep_trajectory: Literal[True]) -> Trajectory: ...
 
 
 def sample(predict: Predictor, noise: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,

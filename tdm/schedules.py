@@ -1,4 +1,4 @@
-"""Noise schedules and parameterisation conversions (tdm-method.md §1.1 and §3).
+"""Noise schedules and parameterisation conversions (docs/method.md §1 and §3).
 
 Every noise level is a pair (alpha, sigma) with x_t = alpha * x0 + sigma * eps. The functions in
 this module are pure tensor math on those pairs; `NoiseSchedule` only maps a teacher's timestep
@@ -25,13 +25,15 @@ def _bc(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
 
 
 def vp_alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VP/DDPM level: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t) (Ho et al. 2020, eq. 4). `t` is an integer index."""
+    """VP/DDPM level: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t) (Ho et al. 2020, eq. 4; docs/method.md eq. 1.2).
+    `t` is an integer index."""
     abar = alphas_cumprod.to(t.device)[t.long()]
     return abar.sqrt(), (1.0 - abar).sqrt()
 
 
 def flow_sigma(t: torch.Tensor, num_train_timesteps: int, shift: float) -> torch.Tensor:
-    """Rectified-flow sigma with time shift: sigma = s*u / (1 + (s-1)*u), u = t/T (SD3, Esser et al. 2024, eq. 23)."""
+    """Rectified-flow sigma with time shift: sigma = s*u / (1 + (s-1)*u), u = t/T (SD3, Esser et al. 2024, eq. 23;
+    docs/method.md eq. 1.3)."""
     u = t.float() / num_train_timesteps
     return shift * u / (1.0 + (shift - 1.0) * u)
 
@@ -43,7 +45,7 @@ def flow_alpha_sigma(t: torch.Tensor, num_train_timesteps: int, shift: float) ->
 
 
 def to_x0_eps(out: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: PredictionType):
-    """Convert a network output at x_t = alpha x0 + sigma eps into (x0, eps) (tdm-method.md §3).
+    """Convert a network output at x_t = alpha x0 + sigma eps into (x0, eps) (docs/method.md table 1.4).
 
     epsilon: x0 = (x - sigma out) / alpha,  eps = out
     v_prediction (v = alpha eps - sigma x0, alpha^2 + sigma^2 = 1): x0 = alpha x - sigma out, eps = sigma x + alpha out
@@ -72,7 +74,8 @@ def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction_ty
 
 
 def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_next, sigma_next) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) move to a new level: x' = alpha' x0 + sigma' eps (Song et al. 2021, eq. 12).
+    """Deterministic DDIM (eta = 0) move to a new level: x' = alpha' x0 + sigma' eps (Song et al. 2021, eq. 12;
+    docs/method.md eq. 1.5).
 
     For rectified flow this is exactly the Euler step of the velocity ODE.
     """
@@ -80,7 +83,8 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_next, sigma_next) -> to
 
 
 def transition_coefficients(alpha_r, sigma_r, alpha_tau, sigma_tau):
-    """Coefficients (A, B) of the forward kernel q(x_tau | x_r) = N(A x_r, B^2 I), tau noisier than r.
+    """Coefficients (A, B) of the forward kernel q(x_tau | x_r) = N(A x_r, B^2 I), tau noisier than r
+    (docs/method.md eq. 3.2).
 
     A = alpha_tau / alpha_r,  B = sqrt(sigma_tau^2 - (A sigma_r)^2)  (clamped at 0 for rounding).
     """
@@ -99,14 +103,15 @@ def transition(x_r: torch.Tensor, alpha_r, sigma_r, alpha_tau, sigma_tau, z: tor
 def mixed_noise(eps_hat: torch.Tensor, alpha_r, sigma_r, alpha_tau, sigma_tau, z: torch.Tensor) -> torch.Tensor:
     """The noise m with x_tau = alpha_tau x0_hat + sigma_tau m when x_r = ddim(x0_hat, eps_hat, r).
 
-    m = (A sigma_r eps_hat + B z) / sigma_tau (demo `obtain_mixed_noise`, with the sigma_r factor of commit 2f938bf).
+    m = (A sigma_r eps_hat + B z) / sigma_tau (docs/method.md eq. 3.3; demo `obtain_mixed_noise`, with the sigma_r
+    factor of commit 2f938bf).
     """
     A, B = transition_coefficients(alpha_r, sigma_r, alpha_tau, sigma_tau)
     return (_bc(A * sigma_r, eps_hat) * eps_hat + _bc(B, z) * z) / _bc(sigma_tau, z)
 
 
 def snr(alpha, sigma):
-    """Signal-to-noise ratio alpha^2 / sigma^2 (Kingma et al. 2021)."""
+    """Signal-to-noise ratio alpha^2 / sigma^2 (Kingma et al. 2021; docs/method.md eq. 1.6)."""
     return alpha**2 / sigma**2
 
 
@@ -137,6 +142,8 @@ class NoiseSchedule:
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) as float32 (B,) tensors for timesteps t (B,)."""
         if self.kind == "vp":
+            if self.alphas_cumprod is None:
+                raise ValueError("a VP schedule needs alphas_cumprod")
             return vp_alpha_sigma(self.alphas_cumprod.float(), t)
         return flow_alpha_sigma(t, self.num_train_timesteps, self.shift)
 
@@ -150,7 +157,8 @@ class NoiseSchedule:
         """Build from a diffusers scheduler config (DDPM/DDIM/PNDM/Euler/... or FlowMatchEulerDiscrete)."""
         T = int(config.get("num_train_timesteps", 1000))
         if "FlowMatch" in config.get("_class_name", "") or config.get("prediction_type") == "flow":
-            return cls(kind="flow", prediction_type="flow", num_train_timesteps=T, shift=float(config.get("shift", 1.0)))
+            return cls(kind="flow", prediction_type="flow", num_train_timesteps=T,
+                       shift=float(config.get("shift", 1.0)))
         from diffusers import DDPMScheduler
 
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
@@ -158,4 +166,4 @@ class NoiseSchedule:
         pred = config.get("prediction_type", "epsilon")
         if pred not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler prediction_type must be epsilon or v_prediction for VP teachers, got {pred!r}")
-        return cls(kind="vp", prediction_type=pred, num_train_timesteps=T, alphas_cumprod=ddpm.alphas_cumprod.clone())
+        return cls(kind="vp", prediction_type=pred, num_train_timesteps=T, alphas_cumprod=ddpm.alphas_cumprod.clone())  # type: ignore[attr-defined]

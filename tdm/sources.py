@@ -9,8 +9,8 @@ Formats: .txt is one prompt per line; .jsonl/.json is one JSON object per line, 
 and .parquet file inside it, recursively, in path order. Prompts are stripped; empty ones are dropped;
 order and duplicates are kept.
 
-Every problem is a ConfigError whose message starts with the config field the caller names, so a bad
-source fails fast, in one line, before any worker starts.
+Every problem is a ConfigError whose message starts with the config field (or option) the caller names,
+so a bad source fails fast, in one line, before any worker starts.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from .config import ConfigError
+from .errors import ConfigError, first_line
 
 #: Written last into a completed download; its presence makes the directory a cache hit.
 COMPLETE_MARKER = ".tdm-complete"
@@ -58,12 +58,17 @@ def _s3_errors() -> tuple[type[BaseException], ...]:
     return BotoCoreError, ClientError, Boto3Error, ValueError
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+def _dir_prefix(uri: str, field: str) -> tuple[str, str]:
+    """(bucket, key prefix) of an S3 "directory": a prefix names a directory, so "data" must not also
+    pick up "data2/..."; the bucket root is the empty prefix."""
+    bucket, prefix = split_s3_uri(uri, field)
+    return bucket, (prefix.rstrip("/") + "/" if prefix.strip("/") else "")
 
 
-def download_s3_prefix(uri: str, dest: str | Path, field: str) -> Path:
-    """Download every object under the S3 "directory" `uri` into `dest`, keeping relative paths.
+def download_s3_prefix(uri: str, dest: str | Path, field: str,
+                       listing: list[tuple[str, int, str]] | None = None) -> Path:
+    """Download every object under the S3 "directory" `uri` (or those of `listing`, from s3_listing) into
+    `dest`, keeping relative paths.
 
     Atomic: objects land in a temporary sibling of `dest` that is renamed into place once complete, so a
     crash never leaves a half-populated `dest`. A `dest` holding the completion marker is returned as is.
@@ -73,34 +78,23 @@ def download_s3_prefix(uri: str, dest: str | Path, field: str) -> Path:
         return dest
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ConfigError(f"{field}: {dest} exists and is not a completed download of {uri}")
-    bucket, prefix = split_s3_uri(uri, field)
-    # A prefix names a directory: "data" must not also pick up "data2/...".
-    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    s3_errors = _s3_errors()
-
-    try:
-        client = s3_client()
-        keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]  # "/" keys: folder placeholders
-    except s3_errors as e:
-        raise ConfigError(f"{field}: cannot list {uri}: {_first_line(e)}") from None
-    if not keys:
+    listing = s3_listing(uri, field) if listing is None else listing
+    if not listing:
         raise ConfigError(f"{field}: no objects under {uri}")
-    for key in keys:
-        rel = PurePosixPath(key[len(prefix):])
-        if rel.is_absolute() or ".." in rel.parts:  # a crafted key must not write outside dest
-            raise ConfigError(f"{field}: refusing object key {key!r} under {uri}: it escapes the download directory")
+    bucket, prefix = _dir_prefix(uri, field)
+    s3_errors = _s3_errors()
+    client = s3_client()
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
-        for key in keys:
-            target = tmp / key[len(prefix):]
+        for rel, _, _ in listing:
+            target = tmp / rel
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)  # fails if S3 holds both "a" and "a/b"
-                client.download_file(bucket, key, str(target))
+                client.download_file(bucket, prefix + rel, str(target))
             except (*s3_errors, OSError) as e:
-                raise ConfigError(f"{field}: cannot download s3://{bucket}/{key}: {_first_line(e)}") from None
+                raise ConfigError(f"{field}: cannot download s3://{bucket}/{prefix}{rel}: {first_line(e)}") from None
         (tmp / COMPLETE_MARKER).write_text(f"{uri}\n")
         try:
             os.rename(tmp, dest)  # replaces a missing or empty dest in one step
@@ -111,6 +105,36 @@ def download_s3_prefix(uri: str, dest: str | Path, field: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; cleans up after a failure
     return dest
+
+
+def s3_listing(uri: str, field: str) -> list[tuple[str, int, str]]:
+    """(key relative to the prefix, size, ETag) of every object under the S3 "directory" `uri`, sorted by
+    key; folder placeholders ("/" keys) are skipped, and keys that would escape a download are refused."""
+    bucket, prefix = _dir_prefix(uri, field)
+    try:
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        objects = [(o["Key"], int(o.get("Size", 0)), str(o.get("ETag", "")).strip('"'))
+                   for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    except _s3_errors() as e:
+        raise ConfigError(f"{field}: cannot list {uri}: {first_line(e)}") from None
+    out = []
+    for key, size, etag in sorted(objects):
+        rel = PurePosixPath(key[len(prefix):])
+        if rel.is_absolute() or ".." in rel.parts:  # a crafted key must not write outside a download
+            raise ConfigError(f"{field}: refusing object key {key!r} under {uri}: it escapes the download directory")
+        out.append((rel.as_posix(), size, etag))
+    return out
+
+
+def local_copy(location: str, field: str) -> str:
+    """A local path for a model location: an s3:// prefix is downloaded once per node into
+    $TDM_HOME/cache/s3/ (keyed by the URI) and that copy returned; anything else is returned as is."""
+    if not location.startswith("s3://"):
+        return location
+    from .paths import cache_dir
+
+    key = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
+    return str(download_s3_prefix(location, cache_dir("s3") / f"s3-{key}", field))
 
 
 def load_prompts(source: str, column: str = "prompt", field: str = "data.prompt_source",
@@ -152,9 +176,9 @@ def _load_s3_prompts(uri: str, column: str, field: str) -> list[str]:
             except ClientError as e:
                 # No such object: the uri names a prefix instead (download_file's HEAD answers a bare 404).
                 if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
-                    raise ConfigError(f"{field}: cannot read {uri}: {_first_line(e)}") from None
+                    raise ConfigError(f"{field}: cannot read {uri}: {first_line(e)}") from None
             except _s3_errors() as e:
-                raise ConfigError(f"{field}: cannot read {uri}: {_first_line(e)}") from None
+                raise ConfigError(f"{field}: cannot read {uri}: {first_line(e)}") from None
             else:
                 return _read_file(target, column, field, label=uri)
         root = download_s3_prefix(uri, Path(tmp) / "prefix", field)
@@ -183,7 +207,7 @@ def _read_file(path: Path, column: str, field: str, label: str) -> list[str]:
             return _read_parquet(path, column, field, label)
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{field}: cannot read {label}: {_first_line(e)}") from None
+        raise ConfigError(f"{field}: cannot read {label}: {first_line(e)}") from None
     if suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
     return _parse_jsonl(text, column, field, label)
@@ -216,13 +240,13 @@ def _read_parquet(path: Path, column: str, field: str, label: str) -> list[str]:
     try:
         names = pq.read_schema(path).names
     except unreadable as e:
-        raise ConfigError(f"{field}: cannot read {label} as parquet: {_first_line(e)}") from None
+        raise ConfigError(f"{field}: cannot read {label} as parquet: {first_line(e)}") from None
     if column not in names:
         raise ConfigError(f"{field}: {label} has no column {column!r}; columns: {', '.join(names) or '(none)'}")
     try:
         values = pq.read_table(path, columns=[column]).column(column).to_pylist()
     except unreadable as e:
-        raise ConfigError(f"{field}: cannot read {label} as parquet: {_first_line(e)}") from None
+        raise ConfigError(f"{field}: cannot read {label} as parquet: {first_line(e)}") from None
     prompts = []
     for row, value in enumerate(values):
         if value is None:  # a null prompt is an empty one: dropped like blank lines

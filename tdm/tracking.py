@@ -1,13 +1,12 @@
 """MLflow glue: the tracking store, the run a distillation owns (found again by run name on resume),
-rank-0 metric and sample logging, the pyfunc model contract, and the registry.
+rank-0 metric and sample logging, logging models and evaluations, and the registry.
 
-Local default: `sqlite:///$TDM_HOME/mlflow.db` (TDM_HOME defaults to ~/.tdm) with artifacts in
-`$TDM_HOME/mlartifacts`, so runs and registered models persist across invocations and working
-directories. `MLFLOW_TRACKING_URI` overrides it (e.g. an `mlflow server`).
+Local default: `sqlite:///$TDM_HOME/mlflow.db` (tdm.paths) with artifacts in `$TDM_HOME/mlartifacts`, so
+runs and registered models persist across invocations and working directories. `MLFLOW_TRACKING_URI`
+overrides it (e.g. an `mlflow server`).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -15,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .config import TDMConfig, _default_home
+from . import __version__, paths
+from .config import TDMConfig
+from .spec import ModelSpec
 
 RUN_NAME_TAG = "tdm.run_name"
 PIPELINE_ARTIFACT = "pipeline"
@@ -24,7 +24,7 @@ PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 
 
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_default_home() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or paths.local_tracking_uri()
 
 
 def use_tracking_uri(uri: str | None = None) -> str:
@@ -47,7 +47,7 @@ def get_or_create_experiment(name: str) -> str:
         return exp.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
-        location = (_default_home() / "mlartifacts").as_uri()
+        location = paths.artifacts_dir().as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
 
@@ -60,38 +60,20 @@ def find_run(experiment_id: str, run_name: str):
     return runs[0] if runs else None
 
 
-def model_cache_dir() -> Path:
-    return _default_home() / "cache" / "models"
-
-
-def resolve_teacher_dir(source: str, tracking_uri: str | None = None, field: str = "teacher.uri") -> str:
-    """Local directory (or hub id) of a teacher source, or of any diffusers-layout location (e.g. a
-    decoder; `field` names the option in errors); registered models and s3:// prefixes are downloaded
-    once per node into $TDM_HOME/cache (atomically, so racing workers are safe)."""
-    if source.startswith("s3://"):
-        import hashlib
-
-        from .sources import download_s3_prefix
-
-        key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
-        return str(download_s3_prefix(source, model_cache_dir() / f"s3-{key}", field))
-    if not source.startswith("models:/"):
-        return source
-    if tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
-    return str(download_model(resolve_model_version(source)))
-
-
-def version_cache_key(mv) -> str:
-    """Directory name of a registered version in the model cache. Name and number alone are not enough:
-    two registries (a local store, then a team's MLflow server) both have `tdm-student` version 3, and
-    $TDM_HOME is shared between them; the logged model and run it points at tell them apart."""
+def version_identity(mv) -> str:
+    """An immutable identity of a registered version: its number, and a digest of the logged model, run
+    and creation time it points at. Name and number alone are not enough: two registries (a local store,
+    then a team's MLflow server) both have `tdm-student` version 3, and $TDM_HOME is shared between them."""
     import hashlib
 
     ident = f"{mv.source}|{mv.run_id}|{mv.creation_timestamp}"
-    return f"{mv.name}--{mv.version}--{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    return f"{mv.version}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def version_cache_key(mv) -> str:
+    """Directory name of a registered version in the model cache: name and identity (version_identity)."""
+    number, digest = version_identity(mv).split("-")
+    return f"{mv.name}--{number}--{digest}"
 
 
 def download_model(mv) -> Path:
@@ -101,13 +83,14 @@ def download_model(mv) -> Path:
 
     import mlflow
 
-    from .progress import quiet_libraries
+    from .console import quiet_libraries
 
     quiet_libraries()
-    target = model_cache_dir() / version_cache_key(mv)
+    cache = paths.cache_dir("models")
+    target = cache / version_cache_key(mv)
     if not (target / "MLmodel").is_file():
-        model_cache_dir().mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=model_cache_dir(), prefix=".download-"))
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
         try:  # atomic publish of a complete download; targets are never partial
             os.replace(local, target)
@@ -144,7 +127,7 @@ def resolve_model_version(uri: str):
 class RankZeroLogger:
     """Buffered per-step metrics and fixed-noise sample grids into the driver's run."""
 
-    def __init__(self, tracking_uri: str, run_id: str, cfg: TDMConfig, backbone, student, spec: dict,
+    def __init__(self, tracking_uri: str, run_id: str, cfg: TDMConfig, backbone, student, spec: ModelSpec,
                  prompts: list[str]):
         from mlflow import MlflowClient
 
@@ -178,7 +161,8 @@ class RankZeroLogger:
     @torch.no_grad()
     def log_samples(self, step: int) -> None:
         """One grid per trained step count: rows are fixed seeds, columns the sample prompts."""
-        from .pipeline import TDMPipeline, image_grid
+        from .generation import TDMPipeline
+        from .images import image_grid
 
         pipe = TDMPipeline(self.backbone, self.spec, denoiser=self.student)
         n = len(self.sample_prompts)
@@ -215,24 +199,15 @@ def start_system_metrics(run_id: str, tracking_uri: str, node_id: str, resume: b
     return monitor
 
 
-def pyfunc_signature(spec: dict):
-    """predict(DataFrame{prompt}, params{num_inference_steps, guidance_scale, seed}) -> list of PNG bytes."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), params=ParamSchema([
-        ParamSpec("num_inference_steps", "long", int(spec["num_steps"])),
-        ParamSpec("guidance_scale", "double", float(spec["guidance_scale"])),
-        ParamSpec("seed", "long", 0)]))
-
-
-def log_pipeline_model(pipeline_dir: str | Path, spec: dict, name: str = "model"):
-    """Log a pipeline directory as a pyfunc model ("models from code") in the active run.
+def log_pipeline_model(pipeline_dir: str | Path, spec: ModelSpec, name: str = "model"):
+    """Log a model directory as a pyfunc model ("models from code", tdm.pyfunc) in the active run.
 
     The tdm package travels with the model (code_paths), so it loads wherever its pip requirements
     are installed. Returns mlflow's ModelInfo.
     """
     import mlflow
+
+    from .pyfunc import pyfunc_signature
 
     pkg = Path(__file__).parent
     # boto3: s3:// locations given at load time (model_config "decoder")
@@ -241,7 +216,7 @@ def log_pipeline_model(pipeline_dir: str | Path, spec: dict, name: str = "model"
     return mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_ENTRY),
                                    artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)}, code_paths=[str(pkg)],
                                    signature=pyfunc_signature(spec), pip_requirements=reqs,
-                                   metadata={"tdm_version": __version__, "tdm_spec": json.dumps(spec)})
+                                   metadata={"tdm_version": __version__, "tdm_spec": spec.model_dump_json()})
 
 
 def register(model_uri: str, name: str, tags: dict, alias: str | None = None):
@@ -256,3 +231,25 @@ def register(model_uri: str, name: str, tags: dict, alias: str | None = None):
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return mv
+
+
+def log_evaluation(result, step: int) -> None:
+    """An evaluation (tdm.evaluation.EvalResult) into the active run: eval/<row>/<metric> and latency
+    metrics, the gate metrics, eval/table.json, one sample grid per row, and what the evaluator is
+    (eval/evaluator.json)."""
+    import mlflow
+    import pandas as pd
+
+    from .images import image_grid
+
+    ev = result.evaluator
+    metrics = dict(result.gate)
+    for name, row in result.rows.items():
+        key = name.replace("@", "_k")
+        metrics |= {f"eval/{key}/{m}": v for m, v in row.metrics.items()}
+        metrics[f"eval/{key}/latency_ms"] = row.latency_ms
+    mlflow.log_metrics(metrics, step=step)
+    mlflow.log_table(pd.DataFrame([r.to_dict() for r in result.rows.values()]), artifact_file="eval/table.json")
+    mlflow.log_dict({"kind": ev.kind, **ev.info()}, "eval/evaluator.json")
+    for name, imgs in result.grids.items():
+        mlflow.log_image(image_grid(imgs, nrow=ev.grid_nrow, scale=ev.grid_scale), artifact_file=f"eval/{name}.png")

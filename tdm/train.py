@@ -19,8 +19,10 @@ import torch
 
 from .backbones import cond_index, load_backbone
 from .config import TDMConfig
+from .console import progress
 from .distiller import EMA, TDMDistiller, allreduce_mean
-from .progress import progress
+from .errors import TeacherChangedError
+from .spec import TeacherRef, WorkerSpec, checkpoint_dir_name, student_spec
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"   # small JSON next to the state: step, teacher, run id, config, spec, metrics
@@ -57,15 +59,6 @@ def build_scheduler(opt, cfg: TDMConfig):
     o = cfg.optim
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, o.warmup_steps, cfg.train.max_steps, o.lr_schedule))
-
-
-def student_spec(cfg: TDMConfig, grids: dict[int, list[int]], schedule, teacher_source: str) -> dict:
-    """The self-description exported with a student (see tdm.pipeline)."""
-    return {"kind": "student", "num_steps": cfg.student.num_steps, "guidance_scale": cfg.loss.guidance_scale,
-            "t_start": schedule.max_timestep, "timesteps": {str(k): g for k, g in grids.items()},
-            "step_conditioned": cfg.student.unify, "step_values": cfg.student.steps,
-            "prediction_type": schedule.prediction_type, "schedule": schedule.to_dict(), "teacher": teacher_source,
-            "negative_prompt": cfg.teacher.negative_prompt}
 
 
 class TrainState:
@@ -142,34 +135,24 @@ def student_from_state(cfg: TDMConfig, backbone, state: dict):
     return student.eval().requires_grad_(False)
 
 
-def teacher_signature(teacher_dir: str | Path) -> list:
-    """What identifies a teacher's text encoding: its directory and the size/mtime of every text
-    encoder and tokenizer file (a hub id identifies itself)."""
-    root = Path(teacher_dir)
-    if not root.is_dir():
-        return [str(teacher_dir)]
-    files = sorted(f for d in root.iterdir() if d.is_dir() and d.name.startswith(("text_encoder", "tokenizer"))
-                   for f in d.rglob("*") if f.is_file())
-    return [str(root.resolve())] + [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def encode_prompt_set(backbone, prompts: list[str], teacher_dir: str | Path, use_cache: bool = True,
+def encode_prompt_set(backbone, prompts: list[str], teacher: TeacherRef, use_cache: bool = True,
                       batch_size: int = 64):
     """Text conditioning (Cond, batch = len(prompts)) of the whole prompt set, encoded once in batches
-    and cached on disk: `$TDM_HOME/cache/embeddings/<teacher+prompts key>.safetensors`, so workers on a
-    node, restarts and later runs with the same teacher and prompts skip the text encoders."""
+    and cached on disk: `$TDM_HOME/cache/embeddings/<teacher+prompts key>.safetensors`, keyed by the
+    teacher's immutable identity, so workers on a node, restarts and later runs with the same teacher
+    and prompts skip the text encoders."""
     import hashlib
 
     from safetensors.torch import load_file, save_file
 
     from .backbones import cond_cat
-    from .config import _default_home
+    from .paths import cache_dir
     from .sources import prompts_fingerprint
 
     device = next(backbone.network.parameters()).device
-    key = hashlib.sha256(json.dumps([backbone.family, teacher_signature(teacher_dir),
-                                     prompts_fingerprint(prompts)]).encode()).hexdigest()[:20]
-    path = _default_home() / "cache" / "embeddings" / f"{key}.safetensors"
+    key = hashlib.sha256(json.dumps([backbone.family, teacher.key, prompts_fingerprint(prompts)]).encode()
+                         ).hexdigest()[:20]
+    path = cache_dir("embeddings") / f"{key}.safetensors"
     if use_cache and path.is_file():
         return {k: v.to(device) for k, v in load_file(str(path)).items()}
     starts = range(0, len(prompts), batch_size)
@@ -188,29 +171,42 @@ def encode_prompt_set(backbone, prompts: list[str], teacher_dir: str | Path, use
     return cond
 
 
+def check_checkpoint_teacher(state: dict, teacher: TeacherRef) -> None:
+    """A checkpoint resumes only onto the teacher it was trained against."""
+    if state.get("teacher") is not None:
+        saved = TeacherRef.model_validate(state["teacher"])
+    elif state.get("teacher_source"):   # tdm 0.1.0 checkpoints: the location only
+        saved = TeacherRef(kind=teacher.kind, uri=state["teacher_source"], location=state["teacher_source"],
+                           revision=None)
+    else:
+        return
+    if not saved.same_as(teacher):
+        raise TeacherChangedError(f"teacher.uri: the checkpoint was trained against {saved.key}, this run's teacher "
+                                  f"is {teacher.key}")
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point. loop_config: config (dict), teacher_dir, teacher_source, prompts,
-    tracking_uri, run_id."""
+    """Ray Train entry point. loop_config: {"spec": WorkerSpec}, built and validated by the driver."""
     import ray.train
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
+    from .teacher import teacher_dir
     from .tracking import RankZeroLogger
 
-    cfg = TDMConfig.model_validate(loop_config["config"])
+    ws: WorkerSpec = loop_config["spec"]
+    cfg = ws.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
-    from .tracking import resolve_teacher_dir
     # the frozen teacher (and a LoRA base) needs no fp32 master copy: keep it in the autocast dtype on GPU
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32) \
         if device.type == "cuda" else torch.float32
-    teacher_dir = resolve_teacher_dir(loop_config["teacher_source"], loop_config["tracking_uri"])
-    backbone = load_backbone(teacher_dir, device=device, dtype=teacher_dtype)
-    prompts = loop_config["prompts"]
-    cond_all = encode_prompt_set(backbone, prompts, teacher_dir, cfg.data.embedding_cache)
+    backbone = load_backbone(teacher_dir(ws.teacher, ws.tracking_uri), device=device, dtype=teacher_dtype)
+    prompts = ws.prompts
+    cond_all = encode_prompt_set(backbone, prompts, ws.teacher, cfg.data.embedding_cache)
     uncond_one = backbone.encode_prompts([cfg.teacher.negative_prompt])
     torch.manual_seed(cfg.train.seed)
     teacher, state = build_roles(cfg, backbone)
@@ -221,7 +217,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            start = state.load_state_dict(load_state_file(d))
+            saved = load_state_file(d)
+            check_checkpoint_teacher(saved, ws.teacher)
+            start = state.load_state_dict(saved)
     student, fake = state.student, state.fake
     grad_sync = None
     if world > 1 and cfg.student.finetune == "full":
@@ -238,18 +236,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     distiller = TDMDistiller(cfg.student, cfg.loss, cfg.optim, backbone.schedule, backbone.latent_shape, teacher,
                              student, fake, state.opt_student, state.opt_fake, state.sched_student,
                              state.sched_fake, state.ema, cfg.train.mixed_precision, device.type, grad_sync)
-    spec = student_spec(cfg, distiller.grids, backbone.schedule, loop_config["teacher_source"])
-    logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg, backbone, state.student, spec,
+    spec = student_spec(cfg, distiller.grids, backbone, ws.teacher)
+    logger = RankZeroLogger(ws.tracking_uri, ws.run_id, cfg, backbone, state.student, spec,
                             prompts) if rank == 0 else None
     if logger is not None and start > 0:
-        logger.client.log_metric(loop_config["run_id"], "train/resumed_from", start, step=start)
+        logger.client.log_metric(ws.run_id, "train/resumed_from", start, step=start)
     monitor = None
     if ctx.get_local_rank() == 0:  # one system-metrics sampler per node
         import socket
 
         from .tracking import start_system_metrics
-        monitor = start_system_metrics(loop_config["run_id"], loop_config["tracking_uri"],
-                                       f"{socket.gethostname()}", resume=start > 0,
+        monitor = start_system_metrics(ws.run_id, ws.tracking_uri, f"{socket.gethostname()}", resume=start > 0,
                                        interval_s=cfg.train.system_metrics_interval_s)
     accum = cfg.train.grad_accum_steps
     micro = cfg.train.batch_size // (world * accum)
@@ -280,18 +277,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    torch.save(state.state_dict(done, cfg, {"teacher_source": loop_config["teacher_source"],
-                                                            "spec": spec}), Path(tmp) / STATE_FILE)
+                    described = {"teacher": ws.teacher.model_dump(), "spec": spec.model_dump(mode="json")}
+                    torch.save(state.state_dict(done, cfg, described), Path(tmp) / STATE_FILE)
                     # small, human-readable description next to the state (read without loading weights)
                     (Path(tmp) / META_FILE).write_text(json.dumps({
-                        "step": done, "teacher_source": loop_config["teacher_source"], "run_id": loop_config["run_id"],
-                        "config": cfg.model_dump(mode="json"), "spec": spec, "metrics": report}, indent=2))
+                        "step": done, "run_id": ws.run_id, "config": cfg.model_dump(mode="json"), **described,
+                        "metrics": report}, indent=2))
                     ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
-                                     checkpoint_dir_name=f"checkpoint_{done:07d}")
+                                     checkpoint_dir_name=checkpoint_dir_name(done))
                 logger.flush()
-                logger.log_checkpoint(done, f"{loop_config['storage']}/{cfg.name}/checkpoint_{done:07d}", metrics)
+                logger.log_checkpoint(done, ws.checkpoint_uri(done), metrics)
             else:
-                ray.train.report(report, checkpoint=None, checkpoint_dir_name=f"checkpoint_{done:07d}")
+                ray.train.report(report, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(done))
     if logger is not None:
         logger.flush()
         bar.close()

@@ -30,13 +30,16 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, TDMConfig, build_arg_parser, config_from_args
+from .cli import build_arg_parser, config_from_args
+from .config import TDMConfig
+from .console import log
+from .errors import ConfigError, first_line
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 RAY_NAME_MAX = 47                       # KubeRay validation.go: RayJob / RayService names
 ENTRYPOINT = ("python", "pipelines/distill.py")
 SERVE_IMPORT_PATH = "tdm.serve:build_app"
-GATE_TAG = "gate.passed"                # model-version tag written by tdm.run.evaluate_and_register
+GATE_TAG = "gate.passed"                # model-version tag written by tdm.job.evaluate_and_register
 RUN_NAME_ANNOTATION = "tdm/run-name"
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT_S = 30
@@ -50,10 +53,6 @@ class WorkflowError(RuntimeError):
 
 class ApiUnavailable(WorkflowError):
     """The API server did not answer or answered 429/5xx: worth another try while following a job."""
-
-
-def log(msg: str) -> None:
-    print(f"[tdm] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------- config <-> entrypoint
@@ -331,7 +330,7 @@ def check_tracking(tracking_uri: str) -> None:
         MlflowClient(use_tracking_uri(tracking_uri)).search_experiments(max_results=1)
     except Exception as e:  # mlflow raises MlflowException / RestException / requests errors
         raise WorkflowError(f"--tracking-uri: MLflow at {redact(tracking_uri)} does not answer: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                            f"{first_line(e)}") from None
 
 
 def registered_version(cfg: TDMConfig, tracking_uri: str):

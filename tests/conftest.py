@@ -93,16 +93,15 @@ def ray_cluster(tdm_home, s3_server, tmp_path_factory):
     job-submission and Serve REST APIs that KubeRay drives live (fixture `ray_dashboard`). Every port is
     a free one, so a cluster already running on this machine is left alone (and `ray stop`, which would
     stop it too, is never called). Workers see the session's TDM_HOME and the S3 endpoint."""
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
     import urllib.request
 
     import ray
-
-    import shutil
-    import tempfile
 
     gcs, dashboard = free_port(), free_port()
     log = tmp_path_factory.mktemp("ray") / "ray-start.log"

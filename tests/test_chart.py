@@ -12,8 +12,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-
-from k8s_helpers import K8S_VERSION, RAY_NAME_MAX, assert_valid, crd_validator, credential_problems
+from k8s_helpers import K8S_VERSION, RAY_NAME_MAX, assert_valid, crd_validator, credential_problems, ray_objects_last
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "tdm"
@@ -165,7 +164,7 @@ def test_every_object_validates(chart, scenario):
     kinds = sorted(o["kind"] for o in objs)
     assert {"RayJob", "RayService", "ServiceAccount", "NetworkPolicy"} <= set(kinds)
     assert ("Deployment" in kinds) == values_of(scenario)["mlflow"]["enabled"]
-    for obj in objs:
+    for obj in ray_objects_last(objs):
         assert_valid(obj)
 
 
@@ -202,7 +201,7 @@ def test_every_pod_is_locked_down_and_sized(chart, scenario):
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_distill_entrypoint_maps_the_values(chart, scenario):
-    from tdm.config import build_arg_parser, config_from_args
+    from tdm.cli import build_arg_parser, config_from_args
 
     v = values_of(scenario)
     d = v["distill"]

@@ -30,7 +30,6 @@ import helm_python as helm
 import pytest
 import requests
 import yaml
-
 from conftest import free_port
 from test_chart import CHART, NAMESPACE, RELEASE, env_of, one
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tdm.clip_eval import ClipEvaluator, clip_score_from_features, evaluate_against_teacher
+from tdm.evaluation.clip import ClipEvaluator, clip_score_from_features, evaluate_against_teacher
 
 MEAN = [0.5, 0.4, 0.3]
 STD = [0.2, 0.25, 0.3]
@@ -31,7 +31,7 @@ def test_loads_preprocessor_numbers(evaluator):
 def test_fallback_without_preprocessor_config(tiny_clip_dir, tmp_path):
     import shutil
 
-    from tdm.clip_eval import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from tdm.evaluation.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     bare = tmp_path / "bare"
     shutil.copytree(tiny_clip_dir, bare, ignore=shutil.ignore_patterns("preprocessor_config.json"))

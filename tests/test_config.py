@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from tdm.config import ConfigError, TDMConfig, build_arg_parser, config_from_args, load_config
+from tdm.cli import build_arg_parser, config_from_args
+from tdm.config import TDMConfig, load_config
+from tdm.errors import ConfigError
 
 
 def parse(*argv):
@@ -11,7 +13,7 @@ def parse(*argv):
 
 
 def test_defaults_document_every_field():
-    from tdm.config import _leaf_fields
+    from tdm.cli import _leaf_fields
 
     for key, field in _leaf_fields(TDMConfig):
         assert field.description, f"{key} has no description"

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from tdm.backbones import load_backbone, load_decoder
-from tdm.config import ConfigError
-from tdm.pipeline import TDMPipeline
-from tdm.sampler import seeded_noise
+from tdm.errors import InputError
+from tdm.generation import TDMPipeline, model_spec
+from tdm.sampler import seeded_noise, uniform_grid
 
 PROMPTS, SEEDS = ["a cat", "a red dog"], [3, 4]
 #: max abs difference allowed between tdm and stock diffusers images in [0, 1] (float32 on CPU; the
@@ -41,8 +41,7 @@ def taesd_dir(tmp_path_factory):
 def _student_export(teacher_dir, path):
     """The teacher network saved as a 4-step student pipeline (tdm_model.json with its stock diffusers call)."""
     b = load_backbone(teacher_dir)
-    spec = {"kind": "student", "num_steps": 4, "guidance_scale": 1.0, "t_start": b.schedule.max_timestep,
-            "prediction_type": b.schedule.prediction_type}
+    spec = model_spec(b, "student", 4, 1.0, grids={4: uniform_grid(4, b.schedule.max_timestep)})
     TDMPipeline(b, spec).save_pretrained(path)
     return path
 
@@ -119,7 +118,7 @@ def test_decoder_from_s3(tiny_sd_dir, taesd_dir, s3_server, tdm_home):
     local.use_decoder(str(taesd_dir))
     assert torch.equal(b.decode(latents), local.decode(latents))
     assert b.decoder_source == "s3://tdm-test/decoders/taesd/"
-    with pytest.raises(ConfigError, match="^decoder: no objects under s3://tdm-test/decoders/missing"):
+    with pytest.raises(InputError, match="^decoder: no objects under s3://tdm-test/decoders/missing"):
         load_decoder("s3://tdm-test/decoders/missing")
 
 
@@ -128,26 +127,26 @@ def test_decoder_from_s3(tiny_sd_dir, taesd_dir, s3_server, tdm_home):
 def test_other_classes_are_rejected(tiny_sd_dir, tmp_path):
     (tmp_path / "vq").mkdir()
     (tmp_path / "vq" / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
-    with pytest.raises(ConfigError, match=r"^decoder: .*vq holds a 'VQModel'; allowed: AutoencoderKL, "
+    with pytest.raises(InputError, match=r"^decoder: .*vq holds a 'VQModel'; allowed: AutoencoderKL, "
                                           r"AutoencoderTiny$"):
         load_decoder(str(tmp_path / "vq"))
     # a whole pipeline is not an autoencoder (no config.json at its root)
-    with pytest.raises(ConfigError, match=r"^decoder: no diffusers autoencoder \(config.json\) at "):
+    with pytest.raises(InputError, match=r"^decoder: no diffusers autoencoder \(config.json\) at "):
         load_decoder(str(tiny_sd_dir))
-    with pytest.raises(ConfigError, match="^decoder: models:/taesd@champion is a registered model"):
+    with pytest.raises(InputError, match="^decoder: models:/taesd@champion is a registered model"):
         load_decoder("models:/taesd@champion")
-    with pytest.raises(ConfigError, match="^decoder: the Linear given is a Linear; allowed: AutoencoderKL, "):
+    with pytest.raises(InputError, match="^decoder: the Linear given is a Linear; allowed: AutoencoderKL, "):
         load_backbone(tiny_sd_dir).set_decoder(torch.nn.Linear(4, 4))
 
 
 def test_latent_channels_and_upsampling_must_match(tiny_sd_dir, tmp_path):
     b = load_backbone(tiny_sd_dir)
     sd3_like = tiny_taesd(tmp_path / "taesd3", latent_channels=16)
-    with pytest.raises(ConfigError, match=r"^decoder: .*taesd3 decodes 16-channel latents but this model's "
+    with pytest.raises(InputError, match=r"^decoder: .*taesd3 decodes 16-channel latents but this model's "
                                           r"latents have 4 channels"):
         b.use_decoder(str(sd3_like))
     four_x = tiny_taesd(tmp_path / "taesd_4x", decoder_blocks=(1, 1, 1))
-    with pytest.raises(ConfigError, match=r"^decoder: .*taesd_4x upsamples latents 4x but this model's VAE "
+    with pytest.raises(InputError, match=r"^decoder: .*taesd_4x upsamples latents 4x but this model's VAE "
                                           r"upsamples 2x"):
         b.use_decoder(str(four_x))
     # the rejected decoders left the model's own VAE in place
@@ -157,7 +156,7 @@ def test_latent_channels_and_upsampling_must_match(tiny_sd_dir, tmp_path):
 def test_pixel_space_toy_rejects_the_option(tiny_toy_dir):
     b = load_backbone(tiny_toy_dir)
     # fails before resolving the location: nothing is downloaded for a model that cannot use it
-    with pytest.raises(ConfigError, match=r"^decoder: this model \(TDMToyDigitsPipeline\) generates pixels "
+    with pytest.raises(InputError, match=r"^decoder: this model \(TDMToyDigitsPipeline\) generates pixels "
                                           r"directly \(no VAE\).*leave decoder unset"):
         b.use_decoder("s3://no-such-bucket/taesd")
 
@@ -177,7 +176,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 
 def test_pyfunc_model_config_decoder(sd15_export, taesd_dir):
-    from tdm.export import TDMPyfuncModel
+    from tdm.pyfunc import TDMPyfuncModel
 
     model = TDMPyfuncModel()
     model.load_context(SimpleNamespace(artifacts={"pipeline": str(sd15_export)},
@@ -206,31 +205,32 @@ def test_serve_generator_loads_reports_and_swaps_the_decoder(sd15_export, taesd_
     """The generator replica and the ingress' /v1/models, run as plain objects (no Ray cluster)."""
     import asyncio
 
-    from tdm.serve import ServeConfig, _deployments
+    from tdm.serve import ServeConfig
+    from tdm.serve.generator import TDMGenerator
+    from tdm.serve.ingress import TDMIngress
 
-    generator_cls, ingress_cls = (d.func_or_class for d in _deployments())
+    generator_cls, ingress_cls = TDMGenerator.func_or_class, TDMIngress.func_or_class
     config = {"model_uri": str(sd15_export), "poll_interval_s": 0, "decoder": str(taesd_dir)}
     generator = generator_cls(config)
     info = generator.info()
-    assert (info["decoder"], info["decoder_class"], info["native_size"]) == (str(taesd_dir), "AutoencoderTiny",
-                                                                             [16, 16])
+    assert (info.decoder, info.decoder_class, info.native_size) == (str(taesd_dir), "AutoencoderTiny", [16, 16])
     ingress = SimpleNamespace(generator=SimpleNamespace(info=_Remote(generator.info)), cfg=ServeConfig())
     (listed,) = asyncio.run(ingress_cls.models(ingress))["data"]
     assert (listed["decoder"], listed["decoder_class"]) == (str(taesd_dir), "AutoencoderTiny")
     # a user_config without the decoder reloads the model with its own VAE
     generator.reconfigure({**config, "decoder": ""})
-    assert (generator.info()["decoder"], generator.info()["decoder_class"]) == (None, "AutoencoderKL")
+    assert (generator.info().decoder, generator.info().decoder_class) == (None, "AutoencoderKL")
 
 
 def test_serve_rejects_the_decoder_for_a_pixel_space_model(tiny_toy_dir, taesd_dir, tmp_path):
-    from tdm.serve import _load
+    from tdm.serve.generator import load_served_model
 
-    toy = TDMPipeline(load_backbone(tiny_toy_dir), {"kind": "student", "num_steps": 1, "guidance_scale": 1.0,
-                                                     "t_start": 999})
+    b = load_backbone(tiny_toy_dir)
+    toy = TDMPipeline(b, model_spec(b, "student", 1, 1.0, grids={1: [999]}))
     toy.save_pretrained(tmp_path / "toy")
-    with pytest.raises(ConfigError, match=r"^decoder: this model \(TDMToyDigitsPipeline\) generates pixels"):
-        _load(str(tmp_path / "toy"), None, str(taesd_dir))
-    assert _load(str(tmp_path / "toy"), None)[1]["decoder_class"] is None
+    with pytest.raises(InputError, match=r"^decoder: this model \(TDMToyDigitsPipeline\) generates pixels"):
+        load_served_model(str(tmp_path / "toy"), None, str(taesd_dir))
+    assert load_served_model(str(tmp_path / "toy"), None)[1].decoder_class is None
 
 
 def test_serve_config_and_cli_take_the_decoder(capsys):

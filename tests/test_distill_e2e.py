@@ -6,10 +6,9 @@ import json
 import mlflow
 import pandas as pd
 import pytest
+from conftest import tiny_config
 from mlflow import MlflowClient
 from PIL import Image
-
-from conftest import tiny_config
 
 PASS_ALL = {"max_fid_ratio_teacher": 1e9, "max_adherence_drop": 100.0, "max_fid_ratio_teacher_ddim": 1e9}
 FAIL_ALL = {"max_fid_ratio_teacher": 1e-9, "max_adherence_drop": 100.0, "max_fid_ratio_teacher_ddim": 1e9}
@@ -17,7 +16,7 @@ FAIL_ALL = {"max_fid_ratio_teacher": 1e-9, "max_adherence_drop": 100.0, "max_fid
 
 @pytest.fixture(scope="module")
 def first_run(ray_cluster, tdm_home):
-    from tdm.run import distill
+    from tdm.job import distill
 
     return distill(tiny_config(name="e2e-pass", gate=PASS_ALL))
 
@@ -91,7 +90,7 @@ def test_teacher_pyfunc_honours_both_params(first_run):
 
 
 def test_failing_gate_registers_without_alias_and_reuses_the_teacher(first_run):
-    from tdm.run import distill
+    from tdm.job import distill
 
     client = MlflowClient()
     teachers = client.search_model_versions("name='tdm-toy-teacher'")

@@ -26,7 +26,7 @@ class CallCounter:
         self.calls, self.samples, self.grad_calls = 0, 0, 0
         module.register_forward_hook(self.hook)
 
-    def hook(self, module, args, output):
+    def hook(self, _module, args, _output):
         self.calls += 1
         self.samples += args[0].shape[0]
         self.grad_calls += int(torch.is_grad_enabled())
@@ -112,7 +112,7 @@ def test_gradient_accumulation_steps_each_network_once(tiny_toy_dir):
 
 
 def test_mixed_precision_requires_a_gpu():
-    from tdm.config import ConfigError
+    from tdm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config({"train": {"mixed_precision": "bf16"}})

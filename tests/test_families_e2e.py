@@ -47,7 +47,7 @@ def test_family_distills_exports_and_reloads_in_stock_diffusers(ray_cluster, tdm
     import pandas as pd
     from mlflow import MlflowClient
 
-    from tdm.pipeline import TDMPipeline
+    from tdm.generation import TDMPipeline
     from tdm.sampler import seeded_noise
     from tdm.tracking import download_model, use_tracking_uri
 

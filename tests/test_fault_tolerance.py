@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import tiny_config
+from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_EVAL = {"enabled": False}
@@ -60,13 +59,13 @@ def train_worker_pids():
 @pytest.fixture(scope="module")
 def reference(ray_cluster):
     """The uninterrupted run every interrupted one is compared with."""
-    from tdm.run import distill
+    from tdm.job import distill
 
     return distill(ft_config("ft-reference"))
 
 
 def test_sigkilled_worker_resumes_from_last_checkpoint(ray_cluster, reference, tdm_home):
-    from tdm.run import distill
+    from tdm.job import distill
     from tdm.tracking import find_run, get_or_create_experiment
 
     killed = {}
@@ -136,7 +135,7 @@ def test_driver_stopped_and_rerun_continues(ray_cluster, reference, tmp_path):
 def test_s3_checkpoints_on_a_real_s3_server(ray_cluster, s3_server):
     import boto3
 
-    from tdm.run import distill, register_checkpoint
+    from tdm.job import distill, register_checkpoint
 
     out = distill(ft_config("ft-s3", max_steps=8, storage_path="s3://tdm-test/runs"))
     assert out["step"] == 8
@@ -189,8 +188,8 @@ def test_storage_without_write_permission_fails_fast(tmp_path, read_only_dir):
 
 
 def test_unplaceable_worker_group_fails_fast(ray_cluster):
-    from tdm.config import ConfigError
-    from tdm.run import distill
+    from tdm.errors import ConfigError
+    from tdm.job import distill
 
     t0 = time.time()
     with pytest.raises(ConfigError, match="train.num_workers=16 needs 16 CPUs"):

@@ -7,10 +7,16 @@ import torch
 from tdm.backbones import load_backbone
 from tdm.config import load_config
 from tdm.distiller import TDMDistiller
-from tdm.pipeline import LORA_DIR, TDMPipeline
+from tdm.export import LORA_DIR
+from tdm.generation import TDMPipeline
+from tdm.spec import TeacherRef
 from tdm.train import TrainState, build_roles, student_spec
 
 LORA = {"student": {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8}}
+
+
+def _teacher(path) -> TeacherRef:
+    return TeacherRef(kind="local", uri=str(path), location=str(path), revision=None)
 
 
 def _roles(tiny_dir, **overrides):
@@ -85,7 +91,7 @@ def test_export_loads_in_stock_diffusers_and_matches_our_sampler(tiny_sd_dir, tm
     cfg, b, teacher, st, d = _roles(tiny_sd_dir, student={"finetune": finetune, "lora_rank": 4, "lora_alpha": 8})
     for _ in range(2):  # move the student away from the teacher
         d.step([(b.encode_prompts(["a cat"] * 2), b.encode_prompts([""] * 2))], 4, torch.Generator().manual_seed(0))
-    spec = student_spec(cfg, d.grids, b.schedule, str(tiny_sd_dir))
+    spec = student_spec(cfg, d.grids, b, _teacher(tiny_sd_dir))
     ours = TDMPipeline(b, spec, denoiser=st.student)
     ours.save_pretrained(tmp_path / "export")
     prompts, seeds = ["a cat", "a red dog"], [3, 4]
@@ -134,7 +140,7 @@ def test_family_export_matches_stock_diffusers(tiny_family_dirs, tmp_path, famil
     cfg, b, teacher, st, d = _roles(tiny_family_dirs[family])
     for _ in range(2):
         d.step([(b.encode_prompts(["a cat"] * 2), b.encode_prompts([""] * 2))], 4, torch.Generator().manual_seed(0))
-    spec = student_spec(cfg, d.grids, b.schedule, str(tiny_family_dirs[family]))
+    spec = student_spec(cfg, d.grids, b, _teacher(tiny_family_dirs[family]))
     ours = TDMPipeline(b, spec, denoiser=st.student)
     ours.save_pretrained(tmp_path / "export")
     prompts, seeds = ["a cat", "a red dog"], [3, 4]

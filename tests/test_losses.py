@@ -4,9 +4,18 @@ import math
 import pytest
 import torch
 
-from tdm.losses import (check_grid_margins, classifier_free_guidance, fake_score_loss, generator_loss,
-                        generator_normaliser, importance_weight, pseudo_huber, sample_noise_levels,
-                        sample_trajectory_index, tdm_target)
+from tdm.losses import (
+    check_grid_margins,
+    classifier_free_guidance,
+    fake_score_loss,
+    generator_loss,
+    generator_normaliser,
+    importance_weight,
+    pseudo_huber,
+    sample_noise_levels,
+    sample_trajectory_index,
+    tdm_target,
+)
 
 
 def test_cfg_convention():

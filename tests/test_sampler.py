@@ -50,7 +50,7 @@ def test_sampler_follows_the_ddim_trajectory_of_an_oracle():
 
 def test_sampler_rejects_non_descending_grid():
     with pytest.raises(ValueError, match="descending"):
-        sample(lambda x, t: (x, x), torch.zeros(1, 1), [100, 500], _schedule())
+        sample(lambda x, _t: (x, x), torch.zeros(1, 1), [100, 500], _schedule())
 
 
 def test_seeded_noise_is_per_sample():

@@ -4,8 +4,19 @@ import math
 import pytest
 import torch
 
-from tdm.schedules import (NoiseSchedule, ddim_step, flow_alpha_sigma, flow_sigma, from_x0_eps, mixed_noise, snr,
-                           to_x0_eps, transition, transition_coefficients, vp_alpha_sigma)
+from tdm.schedules import (
+    NoiseSchedule,
+    ddim_step,
+    flow_alpha_sigma,
+    flow_sigma,
+    from_x0_eps,
+    mixed_noise,
+    snr,
+    to_x0_eps,
+    transition,
+    transition_coefficients,
+    vp_alpha_sigma,
+)
 
 A_R, S_R = 0.9, math.sqrt(0.19)     # level r: abar = 0.81
 A_T, S_T = 0.6, 0.8                 # level tau: abar = 0.36

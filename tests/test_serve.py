@@ -8,14 +8,19 @@ import time
 
 import pytest
 import requests
+from conftest import free_port
 from PIL import Image
 
-from conftest import free_port
-from tdm.serve import ServeConfig, parse_request, supported_sizes
+from tdm.serve import ServeConfig
+from tdm.serve.protocol import ServedModel, parse_request
+from tdm.spec import ModelSpec, ScheduleSpec
 
 MODEL = "tdm-serve-test"
-INFO = {"id": f"{MODEL}/1", "name": MODEL, "uri": f"models:/{MODEL}@champion", "default_steps": 4,
-        "supported_steps": [1, 2, 4], "native_size": [8, 8], "version": "1", "kind": "student"}
+GRIDS = {1: [999], 2: [999, 500], 4: [999, 749, 500, 250]}
+VP = ScheduleSpec(kind="vp", prediction_type="epsilon", num_train_timesteps=1000)
+INFO = ServedModel(id=f"{MODEL}/1", name=MODEL, version="1", uri=f"models:/{MODEL}@champion", spec=ModelSpec(
+    kind="student", family="unet", schedule=VP, default_steps=4, grids=GRIDS, step_conditioned=True,
+    guidance_scale=2.0, image_size=(8, 8)))
 
 
 def _student_version(tmp_path, seed, tiny_toy_dir):
@@ -24,7 +29,7 @@ def _student_version(tmp_path, seed, tiny_toy_dir):
     import torch
 
     from tdm.backbones import load_backbone
-    from tdm.pipeline import TDMPipeline
+    from tdm.generation import TDMPipeline, model_spec
     from tdm.tracking import get_or_create_experiment, log_pipeline_model, register, use_tracking_uri
 
     use_tracking_uri()
@@ -34,9 +39,7 @@ def _student_version(tmp_path, seed, tiny_toy_dir):
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    spec = {"kind": "student", "num_steps": 4, "guidance_scale": 2.0, "t_start": 999, "step_conditioned": True,
-            "step_values": [1, 2, 4], "timesteps": {"1": [999], "2": [999, 500], "4": [999, 749, 500, 250]},
-            "prediction_type": "epsilon"}
+    spec = model_spec(b, "student", 4, 2.0, grids=GRIDS, step_conditioned=True)
     out = tmp_path / f"student{seed}"
     TDMPipeline(b, spec, denoiser=student).save_pretrained(out)
     # the tdm experiment keeps artifacts in $TDM_HOME (MLflow's Default experiment would use ./mlruns)
@@ -180,6 +183,7 @@ def test_alias_move_under_load_has_zero_failures(server):
 
 def test_parse_request_unit():
     cfg = ServeConfig(upscale_factors=[1, 32])
-    assert supported_sizes(INFO, cfg) == ["8x8", "256x256"]
+    assert INFO.sizes(cfg.upscale_factors) == ["8x8", "256x256"]
     job = parse_request(b'{"prompt": " a ", "n": 2, "size": "256x256", "seed": 5}', INFO, cfg)
-    assert job == {"prompt": "a", "n": 2, "steps": 4, "seed": 5, "scale": 32}
+    assert dict(prompt=job.prompt, n=job.n, steps=job.params.steps, seed=job.seed, scale=job.scale) == \
+        {"prompt": "a", "n": 2, "steps": 4, "seed": 5, "scale": 32}

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tdm import sources
-from tdm.config import ConfigError
+from tdm.errors import ConfigError
 from tdm.sources import download_s3_prefix, load_prompts, prompts_fingerprint, split_s3_uri
 
 FIELD = "data.prompt_source"

@@ -4,6 +4,7 @@ import torch
 
 from tdm.backbones import load_backbone
 from tdm.config import load_config
+from tdm.teacher import resolve_teacher
 from tdm.train import build_roles, encode_prompt_set
 
 
@@ -11,7 +12,8 @@ def test_prompt_embeddings_are_cached_per_teacher_and_prompt_set(tiny_sd_dir, tm
     monkeypatch.setenv("TDM_HOME", str(tmp_path))
     b = load_backbone(tiny_sd_dir)
     prompts = [f"a cat number {i}" for i in range(5)]
-    first = encode_prompt_set(b, prompts, tiny_sd_dir, batch_size=2)   # 3 batches
+    teacher = resolve_teacher(str(tiny_sd_dir))
+    first = encode_prompt_set(b, prompts, teacher, batch_size=2)   # 3 batches
     direct = b.encode_prompts(prompts)
     assert torch.allclose(first["encoder_hidden_states"], direct["encoder_hidden_states"], atol=1e-6)
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 1
@@ -20,12 +22,12 @@ def test_prompt_embeddings_are_cached_per_teacher_and_prompt_set(tiny_sd_dir, tm
         raise AssertionError("the text encoder ran although the embeddings are cached")
 
     monkeypatch.setattr(b, "encode_prompts", no_encoder)
-    again = encode_prompt_set(b, prompts, tiny_sd_dir)
+    again = encode_prompt_set(b, prompts, teacher)
     assert torch.equal(again["encoder_hidden_states"], first["encoder_hidden_states"])
     with pytest.raises(AssertionError, match="text encoder ran"):   # another prompt set is another key
-        encode_prompt_set(b, prompts[:4], tiny_sd_dir)
+        encode_prompt_set(b, prompts[:4], teacher)
     with pytest.raises(AssertionError, match="text encoder ran"):   # caching off
-        encode_prompt_set(b, prompts, tiny_sd_dir, use_cache=False)
+        encode_prompt_set(b, prompts, teacher, use_cache=False)
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])

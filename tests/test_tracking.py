@@ -4,24 +4,23 @@ import mlflow
 import torch
 
 from tdm.backbones import load_backbone
-from tdm.pipeline import TDMPipeline
+from tdm.generation import TDMPipeline, model_spec
 from tdm.tracking import download_model, get_or_create_experiment, log_pipeline_model, register, use_tracking_uri
-
-SPEC = {"kind": "student", "num_steps": 1, "guidance_scale": 1.0, "t_start": 999, "prediction_type": "epsilon"}
 
 
 def _register_in(store_uri: str, tiny_toy_dir, out, seed: int):
     """Register a tiny toy student whose weights depend on `seed` as version 1 of 'cache-test' in `store_uri`."""
     use_tracking_uri(store_uri)
     b = load_backbone(tiny_toy_dir)
+    spec = model_spec(b, "student", 1, 1.0, grids={1: [999]})
     torch.manual_seed(seed)
     student = b.trainable_copy()
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    TDMPipeline(b, SPEC, denoiser=student).save_pretrained(out)
+    TDMPipeline(b, spec, denoiser=student).save_pretrained(out)
     with mlflow.start_run(run_name=f"cache-test-{seed}", experiment_id=get_or_create_experiment("tdm")):
-        info = log_pipeline_model(out, SPEC)
+        info = log_pipeline_model(out, spec)
     return register(info.model_uri, "cache-test", {"kind": "student"})
 
 

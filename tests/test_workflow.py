@@ -14,13 +14,11 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 import yaml
+from k8s_helpers import assert_valid
 
-try:  # shared offline Kubernetes checks (moved out of test_chart.py; either location works)
-    from k8s_helpers import assert_valid
-except ImportError:
-    from test_chart import assert_valid
-
-from tdm.config import ConfigError, TDMConfig, build_arg_parser, config_from_args, load_config
+from tdm.cli import build_arg_parser, config_from_args
+from tdm.config import TDMConfig, load_config
+from tdm.errors import ConfigError
 from tdm.workflow import distill_entrypoint, rayjob_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,7 +263,6 @@ def test_dry_run_prints_a_valid_rayjob_whose_entrypoint_round_trips(rendered, tm
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 0, err
     rayjob, plan = yaml.safe_load_all(out)
-    assert_valid(rayjob)       # KubeRay v1 CRD schema (strict) + controller rules, the name limit included
     cfg = tdm_cli_config(rayjob["spec"]["entrypoint"])
     # layering: the template's deployment settings, then the file, then flags; the run name is ours
     assert cfg.train.storage_path == "/mnt/tdm/runs"
@@ -288,6 +285,7 @@ def test_dry_run_prints_a_valid_rayjob_whose_entrypoint_round_trips(rendered, tm
     rayjob2 = next(yaml.safe_load_all(again))
     assert rayjob2["metadata"]["name"] != rayjob["metadata"]["name"]
     assert tdm_cli_config(rayjob2["spec"]["entrypoint"]).name == cfg.name
+    assert_valid(rayjob)   # last: the KubeRay CRD schemas may be absent (the test then skips, its other checks done)
 
 
 @pytest.mark.parametrize("data", [
@@ -323,7 +321,6 @@ def test_submit_follow_promote_patch(rendered, kube, registry, tmp_path, capsys)
     # the created RayJob: valid, this run's entrypoint
     ((_, ns, job_name), job), = [(k, o) for k, o in kube.objects.items() if k[0] == "rayjobs"]
     assert ns == NAMESPACE
-    assert_valid(job)
     assert tdm_cli_config(job["spec"]["entrypoint"]).name == "run-ok"
     # followed through every transition, in order
     seen = [line for line in out.splitlines() if f"RayJob {job_name}:" in line and "unavailable" not in line]
@@ -343,6 +340,7 @@ def test_submit_follow_promote_patch(rendered, kube, registry, tmp_path, capsys)
     patches = [r for r in kube.requests if r[0] == "PATCH"]
     assert patches == [("PATCH", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices/{SERVICE}",
                         "application/merge-patch+json")]
+    assert_valid(job)   # last: the KubeRay CRD schemas may be absent (the test then skips, its other checks done)
 
 
 def test_a_failed_job_is_a_clear_error_and_changes_nothing(rendered, kube, registry, tmp_path, capsys):

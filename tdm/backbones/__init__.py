@@ -5,7 +5,9 @@ from pathlib import Path
 
 import torch
 
-from .base import Backbone, Cond, Denoiser, StepEmbedding, cond_cat, cond_index, cond_to, predict_x0_eps
+from ..console import quiet_libraries
+from ..errors import InputError
+from .base import Backbone, Cond, Denoiser, StepEmbedding, cond_cat, cond_index, predict_x0_eps
 from .decoders import DECODER_CLASSES, load_decoder
 from .stock import PixArtBackbone, SD3Backbone, SDXLBackbone
 from .unet import UNetBackbone
@@ -30,16 +32,19 @@ def read_model_index(path_or_id: str | Path) -> dict:
 
 def load_backbone(path_or_id: str | Path, device="cpu", dtype=torch.float32) -> Backbone:
     """Load a teacher pipeline (diffusers layout) through its family's adapter."""
-    from ..progress import quiet_libraries
-
     quiet_libraries()
     index = read_model_index(path_or_id)
-    cls_name = index.get("_class_name", "")
+    return adapter_for(index).from_pretrained(path_or_id, index, device=device, dtype=dtype)
+
+
+def adapter_for(model_index: dict) -> type[Backbone]:
+    """The adapter of a pipeline's model_index.json; InputError for an unsupported pipeline class."""
+    cls_name = model_index.get("_class_name", "")
     if cls_name not in ADAPTERS:
-        raise ValueError(f"teacher pipeline class {cls_name!r} is not supported; supported: {sorted(ADAPTERS)}")
-    return ADAPTERS[cls_name].from_pretrained(path_or_id, index, device=device, dtype=dtype)
+        raise InputError(f"teacher.uri: pipeline class {cls_name!r} is not supported; supported: {sorted(ADAPTERS)}")
+    return ADAPTERS[cls_name]
 
 
 __all__ = ["ADAPTERS", "Backbone", "Cond", "DECODER_CLASSES", "Denoiser", "PixArtBackbone", "SD3Backbone",
-           "SDXLBackbone", "StepEmbedding", "UNetBackbone", "cond_cat", "cond_index",
-           "cond_to", "load_backbone", "load_decoder", "predict_x0_eps", "read_model_index"]
+           "SDXLBackbone", "StepEmbedding", "UNetBackbone", "adapter_for", "cond_cat", "cond_index",
+           "load_backbone", "load_decoder", "predict_x0_eps", "read_model_index"]

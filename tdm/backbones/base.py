@@ -16,15 +16,18 @@ import copy
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError, first_line
 from ..schedules import NoiseSchedule, to_x0_eps
 
 #: Text conditioning of a batch: named tensors with the batch first (e.g. encoder_hidden_states).
 Cond = dict[str, torch.Tensor]
+#: A diffusers or transformers model: its config and submodules are attributes known only at run time.
+Model = Any
 
 
 def cond_index(cond: Cond, idx) -> Cond:
@@ -37,12 +40,8 @@ def cond_cat(*conds: Cond) -> Cond:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
-def cond_to(cond: Cond, device, dtype=None) -> Cond:
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype) for k, v in cond.items()}
-
-
 class StepEmbedding(nn.Module):
-    """TDM-unify conditioning on the sampling-step count K (tdm-method.md §1.6).
+    """TDM-unify conditioning on the sampling-step count K (docs/method.md §5).
 
     A zero-initialised embedding row per supported K, added to the output of the network's timestep
     embedding through a forward hook; at initialisation the network is exactly the teacher.
@@ -64,7 +63,7 @@ class StepEmbedding(nn.Module):
             raise ValueError(f"num_steps {bad} not supported; this model was trained for {self.step_values}")
         return match.float().argmax(1)
 
-    def hook(self, module, inputs, output):
+    def hook(self, _module, _inputs, output):
         if self._current is None:
             return output
         return output + self.embedding(self._current).to(output.dtype)
@@ -81,7 +80,7 @@ class Denoiser(nn.Module):
     teacher). Each call activates the role's adapter, so the three roles hold one copy of the base.
     """
 
-    def __init__(self, net: nn.Module, call, time_embedding_name: str | None = None,
+    def __init__(self, net: Model, call, time_embedding_name: str | None = None,
                  time_embed_dim: int | None = None, step_values: Sequence[int] | None = None,
                  adapter: str | None = None):
         super().__init__()
@@ -91,6 +90,8 @@ class Denoiser(nn.Module):
         self._lora_layers: list | None = None
         self.step_embedding = None
         if step_values:
+            if time_embedding_name is None or time_embed_dim is None:
+                raise ValueError("a step-conditioned role needs the network's time embedding name and width")
             self.step_embedding = StepEmbedding(step_values, time_embed_dim)
             net.get_submodule(time_embedding_name).register_forward_hook(self.step_embedding.hook)
 
@@ -173,6 +174,9 @@ def predict_x0_eps(denoiser: nn.Module, schedule: NoiseSchedule, x: torch.Tensor
     return to_x0_eps(out.float(), x.float(), a, s, schedule.prediction_type)
 
 
+B = TypeVar("B", bound="Backbone")
+
+
 class Backbone(ABC):
     """A loaded model family: frozen teacher network plus text encoding and decoding."""
 
@@ -181,16 +185,42 @@ class Backbone(ABC):
     schedule: NoiseSchedule
     #: (C, H, W) of the diffusion space (VAE latents, or pixels for the toy)
     latent_shape: tuple[int, int, int]
-    #: the teacher network (frozen); student and fake score start as copies
-    network: nn.Module
+    #: the teacher network (frozen); student and fake score start as copies. A diffusers model: its
+    #: config and submodules are attributes only known at run time, hence Any
+    network: Any
+    #: the adapter's diffusers scheduler config (the noise schedule; export derives the student's from it)
+    scheduler_config: dict
     #: submodule name whose output is the timestep embedding, and its width (for StepEmbedding)
     time_embedding_name: str
     time_embed_dim: int
 
-    #: the autoencoder `decode` goes through; None for a pixel-space model (the toy)
-    vae: nn.Module | None
+    #: the autoencoder `decode` goes through (a diffusers model, hence Any); None for a pixel-space model (the toy)
+    vae: Any
     #: where the decoder came from once `set_decoder` replaced the model's own VAE; None until then
     decoder_source: str | None = None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of decoded images: the latent size times the VAE's upsampling."""
+        from .decoders import upsampling
+
+        _, h, w = self.latent_shape
+        f = 1 if self.vae is None else upsampling(self.vae)
+        return h * f, w * f
+
+    def decoder_spec(self):
+        """The tdm.spec.DecoderSpec of what `decode` uses (None for a pixel-space model)."""
+        from ..spec import DecoderSpec
+
+        if self.vae is None:
+            return None
+        return DecoderSpec(class_name=type(self.vae).__name__, source=self.decoder_source)
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32) -> "Backbone":
+        """Load the family's pipeline from a diffusers-layout directory or hub id (`model_index`: its
+        model_index.json), frozen, on `device` in `dtype`."""
 
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
@@ -200,13 +230,12 @@ class Backbone(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (B, C, H, W) float32, from samples in the diffusion space."""
 
-    @staticmethod
     @abstractmethod
-    def call_network(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def call_network(self, net: Model, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Raw network output (eps, v or velocity) for a batch."""
 
     @abstractmethod
-    def save_pretrained(self, path: str | Path, network: nn.Module | None = None,
+    def save_pretrained(self, path: str | Path, network: Model | None = None,
                         scheduler_config: dict | None = None) -> None:
         """Write a diffusers-layout pipeline directory, with `network` in place of the teacher's weights
         (and `scheduler_config` in place of the teacher's scheduler)."""
@@ -214,10 +243,12 @@ class Backbone(ABC):
     #: diffusers pipeline class written to model_index.json; its LoRA loader's component prefix
     pipeline_class: str
     lora_prefix: str = "unet"
-    #: extra keyword arguments the stock pipeline's __call__ needs to compute what the adapter computes
-    stock_call_kwargs: dict = {}
+    @property
+    def stock_call_kwargs(self) -> dict:
+        """Extra keyword arguments the stock pipeline's __call__ needs to compute what the adapter computes."""
+        return {}
 
-    def save_lora(self, path: str | Path, network: nn.Module, adapter: str) -> bool:
+    def save_lora(self, path: str | Path, network: Model, adapter: str) -> bool:
         """Write `adapter` of `network` as diffusers LoRA weights (`pipe.load_lora_weights(path)`).
         Returns False when the family's diffusers pipeline has no LoRA loader (e.g. PixArt-alpha)."""
         import diffusers
@@ -233,7 +264,7 @@ class Backbone(ABC):
                                             f"{self.lora_prefix}_lora_adapter_metadata": meta})
         return True
 
-    def set_decoder(self, vae: nn.Module, source: str | None = None, field: str = "decoder") -> None:
+    def set_decoder(self, vae: Model, source: str | None = None, field: str = "decoder") -> None:
         """Decode with the autoencoder `vae` (AutoencoderKL or AutoencoderTiny, e.g. TAESD) instead of
         the current VAE; it is moved to the current VAE's device and dtype. `source` says where it came
         from (reported by serving); `field` names the option in errors. The replaced VAE is dropped:
@@ -258,11 +289,11 @@ class Backbone(ABC):
         p = next(self._require_vae(field).parameters())  # a pixel-space model fails before any download
         self.set_decoder(load_decoder(location, p.device, p.dtype, field), source=str(location), field=field)
 
-    def _require_vae(self, field: str) -> nn.Module:
+    def _require_vae(self, field: str) -> Model:
         if self.vae is None:
-            from ..config import ConfigError
+            from ..errors import InputError
 
-            raise ConfigError(f"{field}: this model ({self.pipeline_class}) generates pixels directly (no VAE), "
+            raise InputError(f"{field}: this model ({self.pipeline_class}) generates pixels directly (no VAE), "
                               f"so there is no decoder to replace; leave {field} unset")
         return self.vae
 
@@ -273,7 +304,7 @@ class Backbone(ABC):
                              f"({self.decoder_source}), which an export would ship as the model's VAE; save from "
                              f"a backbone loaded without a decoder")
 
-    def to(self, device=None, dtype=None) -> "Backbone":
+    def to(self: B, device=None, dtype=None) -> B:
         """Move every component; returns self."""
         for m in self.modules().values():
             m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
@@ -283,7 +314,7 @@ class Backbone(ABC):
     def modules(self) -> dict[str, nn.Module]:
         """All torch components by name (network, text encoder, VAE, ...)."""
 
-    def denoiser(self, network: nn.Module | None = None, step_values: Sequence[int] | None = None,
+    def denoiser(self, network: Model | None = None, step_values: Sequence[int] | None = None,
                  adapter: str | None = None) -> Denoiser:
         """Wrap `network` (default: the teacher network) as a role, optionally conditioned on K."""
         return Denoiser(network if network is not None else self.network, self.call_network,
@@ -308,7 +339,8 @@ class Backbone(ABC):
         float32 whatever the base dtype (a bf16 base is the usual GPU set-up)."""
         from peft import LoraConfig
 
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets or self.lora_targets),
+        # peft annotates lora_alpha as int; the scale alpha / r is a float either way
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets or self.lora_targets),  # type: ignore[arg-type]
                             init_lora_weights=True)
         try:
             with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point
@@ -319,7 +351,7 @@ class Backbone(ABC):
                     from peft import inject_adapter_in_model
                     inject_adapter_in_model(config, self.network, adapter_name=name)
         except ValueError as e:  # e.g. no module matches the targets
-            raise ValueError(f"student.lora_targets: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"student.lora_targets: {first_line(e)}") from None
         role = self.denoiser(self.network, step_values, adapter=name)
         for _, p in role.named_trainable_parameters():
             p.data = p.data.float()

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..schedules import NoiseSchedule, flow_sigma
-from .base import Backbone, Cond
+from .base import Backbone, Cond, Model
 
-TRANSFORMER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+TRANSFORMER_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
 class StockPipelineBackbone(Backbone):
@@ -40,7 +40,6 @@ class StockPipelineBackbone(Backbone):
         c = self.network.config
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         self.latent_shape = (c.in_channels, size, size)
-        self.image_size = size * pipe.vae_scale_factor
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32):
@@ -57,11 +56,11 @@ class StockPipelineBackbone(Backbone):
         return next(self.network.parameters()).device
 
     @property
-    def vae(self) -> nn.Module:
+    def vae(self) -> Model:
         return self.pipe.vae
 
     @vae.setter
-    def vae(self, vae: nn.Module) -> None:  # set_decoder: the pipeline object keeps it, as `pipe.vae = ...` does
+    def vae(self, vae: Model) -> None:  # set_decoder: the pipeline object keeps it, as `pipe.vae = ...` does
         self.pipe.vae = vae
 
     @torch.no_grad()
@@ -70,7 +69,7 @@ class StockPipelineBackbone(Backbone):
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
 
-    def save_pretrained(self, path: str | Path, network: nn.Module | None = None,
+    def save_pretrained(self, path: str | Path, network: Model | None = None,
                         scheduler_config: dict | None = None) -> None:
         import diffusers
 
@@ -107,14 +106,14 @@ class SDXLBackbone(StockPipelineBackbone):
             empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
             embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
-        size = (self.image_size, self.image_size)
+        size = self.image_size
         time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
                                                text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled,
                 "time_ids": time_ids.to(embeds.device).repeat(len(prompts), 1)}
 
     @staticmethod
-    def call_network(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def call_network(net: Model, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = net.dtype
         return net(x.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                    added_cond_kwargs={"text_embeds": cond["text_embeds"].to(dtype),
@@ -155,9 +154,9 @@ class PixArtBackbone(DiTBackbone):
         return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
     @staticmethod
-    def call_network(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def call_network(net: Model, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = net.dtype
-        added = {"resolution": None, "aspect_ratio": None}
+        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
         if net.config.sample_size == 128:  # PixArt-alpha 1024px: micro-conditions, as its pipeline passes them
             h = w = x.shape[-1] * 8
             added = {"resolution": torch.tensor([[h, w]], device=x.device, dtype=dtype).repeat(x.shape[0], 1),
@@ -189,11 +188,12 @@ class SD3Backbone(DiTBackbone):
                                                        max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
-    def call_network(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def call_network(self, net: Model, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         # tdm's flow t is the unshifted level in [0, T]; the network (like the stock scheduler) takes
         # T * sigma, with sigma the shifted level
         s = self.schedule
         t_net = s.num_train_timesteps * flow_sigma(t.float(), s.num_train_timesteps, s.shift)
         dtype = net.dtype
-        return net(hidden_states=x.to(dtype), timestep=t_net, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+        return net(hidden_states=x.to(dtype), timestep=t_net,
+                   encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                    pooled_projections=cond["pooled_projections"].to(dtype)).sample

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..schedules import NoiseSchedule
-from .base import Backbone, Cond
+from .base import Backbone, Cond, Model
 
 
 class UNetBackbone(Backbone):
@@ -22,8 +22,8 @@ class UNetBackbone(Backbone):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: dict,
-                 vae: nn.Module | None = None, pipeline_class: str = "StableDiffusionPipeline"):
+    def __init__(self, unet: Model, text_encoder: Model, tokenizer, scheduler_config: dict,
+                 vae: Model | None = None, pipeline_class: str = "StableDiffusionPipeline"):
         self.network = unet.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -66,7 +66,7 @@ class UNetBackbone(Backbone):
         return {"encoder_hidden_states": self.text_encoder(ids)[0]}
 
     @staticmethod
-    def call_network(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def call_network(net: Model, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = next(net.parameters()).dtype
         return net(x.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype)).sample
 
@@ -77,7 +77,7 @@ class UNetBackbone(Backbone):
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
 
-    def save_pretrained(self, path: str | Path, network: nn.Module | None = None,
+    def save_pretrained(self, path: str | Path, network: Model | None = None,
                         scheduler_config: dict | None = None) -> None:
         import diffusers
 
@@ -90,7 +90,7 @@ class UNetBackbone(Backbone):
         sched_cfg = scheduler_config or self.scheduler_config
         sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
         sched_cls.from_config(sched_cfg).save_pretrained(path / "scheduler")
-        index = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__,
+        index: dict = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__,
                  "unet": ["diffusers", "UNet2DConditionModel"],
                  "text_encoder": ["transformers", type(self.text_encoder).__name__],
                  "tokenizer": ["transformers", type(self.tokenizer).__name__],

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import UNetBackbone
-from ..progress import progress
+from ..console import progress
 from .data import CAPTIONS, load_digits_tensors, split_indices
 
 PIPELINE_CLASS = "TDMToyDigitsPipeline"
@@ -66,7 +66,8 @@ def train_toy_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int,
     empty prompt with probability cfg_dropout. Returns training metrics.
     """
     backbone = build_toy_backbone(seed, channels)
-    unet, text_encoder = backbone.network.train().requires_grad_(True), backbone.text_encoder.train().requires_grad_(True)
+    unet = backbone.network.train().requires_grad_(True)
+    text_encoder = backbone.text_encoder.train().requires_grad_(True)
     x_all, y_all = load_digits_tensors()
     train_idx, _ = split_indices(y_all, holdout_fraction, seed)
     x_train, y_train = x_all[train_idx], y_all[train_idx]

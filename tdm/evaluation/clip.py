@@ -1,5 +1,5 @@
-"""Evaluation for real (non-toy) teachers, in a CLIP model's embedding space: CLIPScore (prompt
-adherence) and the Fréchet distance between two image sets' CLIP features (student vs teacher).
+"""Evaluation of real (non-toy) teachers in a CLIP model's embedding space: CLIPScore (prompt adherence)
+and the Fréchet distance between two image sets' CLIP features (student vs teacher); docs/method.md §7.
 
 Preprocessing is pure torch (no PIL, no torchvision): resize the shorter side with antialiased bicubic
 interpolation, center crop, normalise with the checkpoint's mean/std, as CLIP's own image processor does.
@@ -13,7 +13,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .evaluate import feature_stats, frechet_distance
+from ..errors import InputError, first_line
+from .base import EvalRow, Evaluator, GateCheck, Metric
+from .fid import feature_stats, frechet_distance
 
 #: OpenAI CLIP's normalisation (used when the checkpoint has no preprocessor_config.json).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -21,11 +23,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: CLIPScore weight w (Hessel et al. 2021 use 2.5; torchmetrics and most diffusion papers use 100).
 CLIP_SCORE_WEIGHT = 100.0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _size_value(value, *keys) -> int | None:
@@ -71,10 +68,13 @@ def clip_score_from_features(img_feats: torch.Tensor, txt_feats: torch.Tensor,
     return float((weight * cos.clamp(min=0)).mean())
 
 
-class ClipEvaluator:
+class ClipEvaluator(Evaluator):
     """A CLIP model (transformers CLIPModel + tokenizer) for CLIPScore and FD in CLIP feature space.
 
     model: a hub id or a local directory saved with save_pretrained."""
+
+    kind = "clip"
+    metrics = (Metric("clip_score", "CLIP score"), Metric("fid_vs_teacher", "FD vs teacher", ".4f"))
 
     def __init__(self, model: str, device="cpu", dtype=torch.float32):
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
@@ -91,7 +91,7 @@ class ClipEvaluator:
             self.model = CLIPModel.from_pretrained(ref, dtype=dtype).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(ref)
         except Exception as e:  # noqa: BLE001 - one clear error naming the config key
-            raise ValueError(f"eval.clip_model: cannot load {model!r}: {_first_line(e)}") from e
+            raise InputError(f"eval.clip_model: cannot load {model!r}: {first_line(e)}") from e
         self.name = model
         self.device = torch.device(device)
         self.dtype = dtype
@@ -107,7 +107,11 @@ class ClipEvaluator:
         max_pos = int(self.model.config.text_config.max_position_embeddings)
         tok_max = getattr(self.tokenizer, "model_max_length", max_pos) or max_pos
         self.max_length = min(max_pos, int(tok_max))
-        self.identity = {"evaluator": "clip", "model": model, "resize": self.resize_size, "crop": self.crop_size}
+        self._identity = {"evaluator": "clip", "model": model, "resize": self.resize_size, "crop": self.crop_size}
+
+    @property
+    def identity(self) -> dict:
+        return dict(self._identity)
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -182,6 +186,18 @@ class ClipEvaluator:
         return frechet_distance(*feature_stats(self.image_features(images_a)),
                                 *feature_stats(self.image_features(images_b)))
 
+    # ------------------------------------------------------------------ the Evaluator interface
+    def score(self, images: torch.Tensor, prompts: Sequence[str], reference: torch.Tensor | None) -> dict[str, float]:
+        """CLIP score, and the FD to the reference teacher's samples (0 for the reference itself)."""
+        return {"clip_score": self.clip_score(images, prompts),
+                "fid_vs_teacher": 0.0 if reference is None else self.fid(images, reference)}
+
+    def gate_checks(self, student: EvalRow, reference: EvalRow, teacher_ddim: EvalRow,  # noqa: ARG002 - interface
+                    gate_config) -> list[GateCheck]:
+        return [GateCheck("clip_score_drop", reference.metrics["clip_score"] - student.metrics["clip_score"],
+                          gate_config.max_clip_score_drop),
+                GateCheck("fid_vs_teacher", student.metrics["fid_vs_teacher"], gate_config.max_fid_vs_teacher)]
+
 
 def evaluate_against_teacher(student_images: torch.Tensor, teacher_images: torch.Tensor, prompts: Sequence[str],
                              evaluator: ClipEvaluator) -> dict:
@@ -191,43 +207,3 @@ def evaluate_against_teacher(student_images: torch.Tensor, teacher_images: torch
         "clip_score_student": evaluator.clip_score(student_images, prompts),
         "clip_score_teacher": evaluator.clip_score(teacher_images, prompts),
     }
-
-
-def _sample_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float | None,
-                batch_size: int) -> tuple[torch.Tensor, float]:
-    """Images for every prompt (batched) and the mean latency per image in ms."""
-    import time
-
-    out, t0 = [], time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        out.append(pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
-                        seeds=list(seeds[i:i + batch_size])).cpu())
-    return torch.cat(out), (time.perf_counter() - t0) * 1000 / len(prompts)
-
-
-def evaluate_real(student, teacher, prompts: Sequence[str], evaluator: ClipEvaluator, cfg) -> dict:
-    """Evaluation of a real-teacher distillation on `prompts` (cycled to eval.num_samples), same seeds
-    for every sampler: teacher@teacher_steps and teacher DDIM@K with CFG, the student at its step counts.
-    Per row: CLIP score, Frechet distance to the teacher@teacher_steps samples in CLIP space, latency.
-    Returns {"rows", "grids", "passed", "gate"}."""
-    e, K, g = cfg.eval, cfg.student.num_steps, cfg.loss.guidance_scale
-    prompts = [prompts[i % len(prompts)] for i in range(e.num_samples)]
-    seeds = [e.seed + i for i in range(e.num_samples)]
-    ref_name = f"teacher@{e.teacher_steps}"
-    runs = [(ref_name, teacher, e.teacher_steps, g), (f"teacher_ddim@{K}", teacher, K, g)]
-    runs += [(f"student@{k}", student, k, None) for k in cfg.eval_student_steps
-             if not cfg.student.unify or k in cfg.student.steps]
-    rows, grids, ref = {}, {}, None
-    for name, pipe, steps, guidance in runs:
-        images, latency = _sample_all(pipe, prompts, seeds, steps, guidance, e.batch_size)
-        ref = images if ref is None else ref
-        rows[name] = {"name": name, "steps": steps, "clip_score": evaluator.clip_score(images, prompts),
-                      "fid_vs_teacher": 0.0 if images is ref else evaluator.fid(images, ref),
-                      "latency_ms": latency}
-        grids[name] = images[:min(len(images), 16)]
-    s, t = rows[f"student@{K}"], rows[ref_name]
-    checks = {"clip_score_drop": t["clip_score"] - s["clip_score"], "fid_vs_teacher": s["fid_vs_teacher"]}
-    ok = {"clip_score_drop": checks["clip_score_drop"] <= cfg.gate.max_clip_score_drop,
-          "fid_vs_teacher": cfg.gate.max_fid_vs_teacher is None or s["fid_vs_teacher"] <= cfg.gate.max_fid_vs_teacher}
-    gate = {"gate/" + k: v for k, v in checks.items()} | {"gate/passed_" + k: float(v) for k, v in ok.items()}
-    return {"rows": rows, "grids": grids, "passed": all(ok.values()), "gate": gate}

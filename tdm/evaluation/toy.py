@@ -1,0 +1,64 @@
+"""Evaluation of the embedded toy: FID in a digit classifier's feature space and prompt adherence (that
+classifier's accuracy against the requested digit). The classifier is trained on the digits held out
+from the teacher; the FID reference is all 1,797 real digits (docs/method.md §7).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..toy.data import CAPTIONS, caption_label, load_digits_tensors
+from .base import EvalRow, Evaluator, GateCheck, Metric
+from .fid import feature_stats, frechet_distance
+
+
+def eval_prompts(n: int) -> list[str]:
+    """Balanced prompts: sample i asks for digit i % 10."""
+    return [CAPTIONS[i % 10] for i in range(n)]
+
+
+class DigitEvaluator(Evaluator):
+    """FID and adherence for the toy, from a classifier trained on the digits held out from the teacher."""
+
+    kind = "digits"
+    metrics = (Metric("fid", "FID"), Metric("adherence", "adherence %", ".1f"))
+    grid_images, grid_nrow, grid_scale = 100, 10, 4
+    cacheable = True  # a deterministic classifier trained from (holdout_fraction, seed)
+
+    def __init__(self, holdout_fraction: float, seed: int):
+        from ..toy.classifier import train_classifier
+
+        self.classifier, self.classifier_info = train_classifier(holdout_fraction, seed)
+        x, _ = load_digits_tensors()
+        with torch.no_grad():
+            self.ref = feature_stats(self.classifier.features(x))
+        self._identity = {"evaluator": "digits-classifier", "holdout_fraction": holdout_fraction, "seed": seed}
+
+    @property
+    def identity(self) -> dict:
+        return dict(self._identity)
+
+    def info(self) -> dict:
+        return {**self._identity, **self.classifier_info}
+
+    @torch.no_grad()
+    def score_labels(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """images (N, 1, 8, 8) in [0, 1]; labels (N,) requested digits."""
+        x = images.float().cpu() * 2 - 1
+        feats = self.classifier.features(x)
+        adherence = (self.classifier.head(feats).argmax(1) == labels).float().mean().item() * 100
+        return {"fid": frechet_distance(*feature_stats(feats), *self.ref), "adherence": adherence}
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              reference: torch.Tensor | None) -> dict[str, float]:  # noqa: ARG002 - FID is against real digits
+        labels = [caption_label(p) for p in prompts]
+        if None in labels:
+            raise ValueError("digits evaluation: every prompt must be one of the toy's captions")
+        return self.score_labels(images, torch.tensor(labels))
+
+    def gate_checks(self, student: EvalRow, reference: EvalRow, teacher_ddim: EvalRow, gate_config) -> list[GateCheck]:
+        s, t, d = student.metrics, reference.metrics, teacher_ddim.metrics
+        return [GateCheck("fid_ratio_teacher", s["fid"] / t["fid"], gate_config.max_fid_ratio_teacher),
+                GateCheck("adherence_drop", t["adherence"] - s["adherence"], gate_config.max_adherence_drop),
+                GateCheck("fid_ratio_teacher_ddim", s["fid"] / d["fid"], gate_config.max_fid_ratio_teacher_ddim)]

@@ -1,0 +1,271 @@
+"""The distillation job, end to end (what `pipelines/distill.py` calls; docs/architecture.md):
+
+  preflight (config, teacher identity, prompts, storage, grids) -> Ray (the toy teacher on first use)
+  -> the MLflow run this job owns (found again by name: resume) -> Ray Train TDM workers (WorkerSpec)
+  -> export + evaluate in a Ray task -> register the student -> alias `champion` if the gate passes.
+
+Every input check happens before any training starts. The config is validated once, here, and
+crosses to workers and tasks as the typed object; the teacher is resolved once, here, to the identity
+every process loads (tdm.teacher).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .config import TDMConfig, flatten, load_config
+from .console import log
+from .errors import ConfigError, TeacherChangedError
+from .spec import ModelSpec, TeacherRef, WorkerSpec
+
+TEACHER_TAG = "tdm.teacher"                 # the run's pinned teacher location
+TEACHER_IDENTITY_TAG = "tdm.teacher_identity"   # the whole TeacherRef, JSON
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What the export-and-evaluate task hands back to the driver."""
+
+    spec: ModelSpec
+    step: int
+    model_uri: str
+    evaluation: dict | None     # {"rows": {name: row dict}, "passed", "gate", "columns"}; None: not evaluated
+
+
+# ---------------------------------------------------------------- the job
+
+def distill(cfg: TDMConfig) -> dict:
+    """Run a distillation end to end; returns a summary (run id, model version, table, gate)."""
+    from .cluster import check_placement, init_ray, worker_cpus
+    from .paths import runs_dir
+    from .preflight import check_grids, check_storage, run_prompts, teacher_scheduler_config
+    from .teacher import resolve_teacher, teacher_dir
+    from .tracking import use_tracking_uri
+
+    # 1. everything that can be checked without Ray
+    if cfg.name is None:
+        cfg = cfg.model_copy(update={"name": time.strftime("tdm-%Y%m%d-%H%M%S")})
+    is_toy = cfg.teacher.uri == "toy"
+    tracking_uri = use_tracking_uri()
+    teacher = None if is_toy else resolve_teacher(cfg.teacher.uri)
+    prompts = run_prompts(cfg, is_toy)
+    storage = check_storage(cfg.train.storage_path or str(runs_dir()))
+    check_grids(cfg, teacher_scheduler_config(None if teacher is None else teacher_dir(teacher, tracking_uri)))
+    log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
+
+    # 2. Ray, and the toy teacher on first use
+    local = init_ray(cfg)
+    cpus = worker_cpus(cfg, local)
+    check_placement(cfg, cpus)
+    if teacher is None:
+        from .toy.lifecycle import ensure_toy_teacher
+
+        teacher = resolve_teacher(ensure_toy_teacher(cfg, tracking_uri, cpus * cfg.train.num_workers))
+    log(f"teacher: {teacher.key}")
+
+    # 3. the MLflow run this job owns; a second invocation with the same name appends to it
+    run_id = _own_run(cfg, teacher, storage)
+    try:
+        ws = WorkerSpec(config=cfg, teacher=teacher, prompts=prompts, tracking_uri=tracking_uri, run_id=run_id,
+                        storage=storage)
+        checkpoint = _train(ws, cpus)
+        # 4. evaluate + export on a worker-sized task, then register and gate in the driver
+        return evaluate_and_register(cfg, checkpoint, teacher, tracking_uri, run_id,
+                                     num_cpus=cpus * cfg.train.num_workers)
+    except BaseException:
+        import mlflow
+
+        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        raise
+
+
+def _own_run(cfg: TDMConfig, teacher: TeacherRef, storage: str) -> str:
+    """The id of the run named cfg.name: created (with its config and teacher) or, on resume, checked
+    against this invocation and set RUNNING again (system metrics need it)."""
+    import mlflow
+    from mlflow.entities import Param
+
+    from .tracking import code_version, find_run, get_or_create_experiment
+
+    client = mlflow.MlflowClient()
+    exp_id = get_or_create_experiment(cfg.registry.experiment)
+    existing = find_run(exp_id, cfg.name)
+    if existing is not None:
+        check_resume(existing, cfg, teacher)
+        client.update_run(existing.info.run_id, status="RUNNING")
+        log(f"resuming run {cfg.name} (MLflow run {existing.info.run_id})")
+        return existing.info.run_id
+    run = client.create_run(exp_id, run_name=cfg.name, tags={
+        "tdm.run_name": cfg.name, "tdm.version": __version__, "tdm.code_version": code_version(),
+        TEACHER_TAG: teacher.location, TEACHER_IDENTITY_TAG: teacher.model_dump_json(),
+        "tdm.storage": f"{storage}/{cfg.name}"})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.to_flat_dict().items()])
+    client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
+    return run.info.run_id
+
+
+def check_resume(run, cfg: TDMConfig, teacher: TeacherRef) -> None:
+    """A resumed run keeps its config (train.max_steps may grow) and its teacher's identity."""
+    import mlflow
+
+    tags = run.data.tags
+    if TEACHER_IDENTITY_TAG in tags:
+        started = TeacherRef.model_validate_json(tags[TEACHER_IDENTITY_TAG])
+        changed = not started.same_as(teacher)
+    else:  # runs of tdm 0.1.0 recorded the location only
+        started_at = tags.get(TEACHER_TAG)
+        changed = started_at is not None and started_at not in (teacher.uri, teacher.location)
+        started = TeacherRef(kind=teacher.kind, uri=str(started_at), location=str(started_at), revision=None)
+    if changed:
+        raise TeacherChangedError(f"teacher.uri: run '{cfg.name}' was started with teacher {started.key}, but "
+                                  f"{teacher.uri} now resolves to {teacher.key}; use a new --name to distil the new "
+                                  f"teacher")
+    try:
+        logged = load_config(mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config.json"))
+    except ConfigError as e:
+        raise ConfigError(f"name: run '{cfg.name}' was started with a config this tdm cannot read ({e}); use a new "
+                          f"--name") from None
+    before, now = flatten(logged.model_dump(mode="json")), cfg.to_flat_dict()
+    for key, value in now.items():
+        if key not in ("train.max_steps", "name") and before.get(key) != value:
+            raise ConfigError(f"{key}: run '{cfg.name}' was started with {before.get(key)}, got {value}; "
+                              f"use a new --name to change the config")
+
+
+def _train(ws: WorkerSpec, cpus: float):
+    """Ray Train over ws.config.train.num_workers workers; returns the final checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .train import train_loop_per_worker
+
+    t = ws.config.train
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config={"spec": ws},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=RunConfig(name=ws.config.name, storage_path=ws.storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    log(f"training finished in {time.perf_counter() - t0:.0f}s; final checkpoint {result.checkpoint.path}")
+    return result.checkpoint
+
+
+# ---------------------------------------------------------------- export, evaluation, registration
+
+def _export_and_evaluate(cfg: TDMConfig, checkpoint, teacher: TeacherRef, tracking_uri: str,
+                         run_id: str) -> ExportResult:
+    """(Ray task) Load the final checkpoint, export the student, log it as a pyfunc model, evaluate it
+    against the teacher (tdm.evaluation) and log the results into the run."""
+    import mlflow
+
+    from .backbones import load_backbone
+    from .generation import TDMPipeline, teacher_spec
+    from .teacher import teacher_dir
+    from .tracking import log_evaluation, log_pipeline_model, use_tracking_uri
+    from .train import load_state_file, student_from_state
+
+    use_tracking_uri(tracking_uri)
+    backbone = load_backbone(teacher_dir(teacher, tracking_uri))
+    with checkpoint.as_directory() as d:
+        saved = load_state_file(d)
+    spec = ModelSpec.parse(saved["spec"], "checkpoint spec")
+    student = TDMPipeline(backbone, spec, denoiser=student_from_state(cfg, backbone, saved))
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+        student.save_pretrained(tmp)
+        model_uri = log_pipeline_model(tmp, spec).model_uri
+        if not cfg.eval.enabled:
+            return ExportResult(spec, saved["step"], model_uri, None)
+        # the teacher shares the student's backbone (a LoRA student's base with its adapters off)
+        teacher_pipe = TDMPipeline(backbone, teacher_spec(backbone, cfg.eval.teacher_steps, cfg.loss.guidance_scale,
+                                                          cfg.teacher.negative_prompt))
+        result = _evaluate(cfg, student, teacher_pipe, teacher)
+        log_evaluation(result, saved["step"])
+    return ExportResult(spec, saved["step"], model_uri, {
+        "rows": {k: r.to_dict() for k, r in result.rows.items()}, "passed": result.passed, "gate": result.gate,
+        "columns": [(m.key, m.header, m.fmt) for m in result.evaluator.metrics]})
+
+
+def _evaluate(cfg: TDMConfig, student, teacher_pipe, teacher: TeacherRef):
+    """The toy's digit metrics, or CLIP metrics on the training prompts for a real teacher."""
+    from .evaluation import evaluation_plan, run_evaluation
+    from .paths import cache_dir
+
+    e = cfg.eval
+    if cfg.teacher.uri == "toy":
+        from .evaluation.toy import DigitEvaluator, eval_prompts
+
+        evaluator = DigitEvaluator(cfg.toy.holdout_fraction, cfg.toy.seed)
+        prompts = eval_prompts(e.num_samples)
+    else:
+        from .evaluation.clip import ClipEvaluator
+        from .preflight import run_prompts
+
+        evaluator = ClipEvaluator(e.clip_model, device=next(student.denoiser.parameters()).device)
+        train_prompts = run_prompts(cfg, False)
+        prompts = [train_prompts[i % len(train_prompts)] for i in range(e.num_samples)]
+    return run_evaluation(evaluation_plan(cfg), {"teacher": teacher_pipe, "student": student}, evaluator, prompts,
+                          e.seed, e.batch_size, cfg.student.num_steps, cfg.gate, cache_dir=cache_dir("eval"),
+                          teacher_key=teacher.key)
+
+
+def evaluate_and_register(cfg: TDMConfig, checkpoint, teacher: TeacherRef, tracking_uri: str, run_id: str,
+                          num_cpus: float) -> dict:
+    """Export and evaluate a checkpoint (a Ray task sized like the training job), register it as a
+    version of cfg.registry.model_name linked to `run_id`, and move the alias only if the gate passes."""
+    import ray
+
+    from .tracking import register
+
+    task = ray.remote(num_cpus=num_cpus, num_gpus=1 if cfg.train.use_gpu else 0)(_export_and_evaluate)
+    out: ExportResult = ray.get(task.remote(cfg, checkpoint, teacher, tracking_uri, run_id))
+    ev = out.evaluation or {}
+    passed = bool(ev.get("passed", False))
+    tags = {**out.spec.registry_tags(), "tdm_version": __version__, "run_name": cfg.name, "run_id": run_id,
+            "step": out.step, "checkpoint": checkpoint.path}
+    tags |= {k.replace("/", "."): round(v, 4) for k, v in ev.get("gate", {}).items()}
+    tags["gate.passed"] = passed
+    mv = register(out.model_uri, cfg.registry.model_name, tags, alias=cfg.registry.alias if passed else None)
+    log(f"registered {cfg.registry.model_name} version {mv.version} (step {out.step}); gate "
+        f"{'PASSED -> alias ' + cfg.registry.alias if passed else 'not passed (no alias)'}")
+    return {"run_name": cfg.name, "run_id": run_id, "model_version": mv.version, "passed": passed,
+            "rows": ev.get("rows", {}), "gate": ev.get("gate", {}), "columns": ev.get("columns", []),
+            "step": out.step}
+
+
+def register_checkpoint(uri: str, configure=None) -> dict:
+    """Evaluate and register any checkpoint (local path or s3://...) of an earlier run, into that run.
+    `configure(base_dict) -> TDMConfig` lets the command line override the run's own config."""
+    import json
+
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from .cluster import init_ray, worker_cpus
+    from .teacher import resolve_teacher
+    from .tracking import find_run, get_or_create_experiment, use_tracking_uri
+    from .train import META_FILE
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).expanduser().resolve()))
+        with fs.open_input_stream(f"{path}/{META_FILE}") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--checkpoint: {uri} is not a readable tdm checkpoint ({e})") from None
+    cfg = configure(meta["config"]) if configure is not None else load_config(meta["config"])
+    tracking_uri = use_tracking_uri()
+    run = find_run(get_or_create_experiment(cfg.registry.experiment), cfg.name)
+    if run is None:
+        raise ConfigError(f"--checkpoint: no MLflow run named {cfg.name!r} in experiment {cfg.registry.experiment!r}")
+    if meta.get("teacher") is not None:
+        teacher = TeacherRef.model_validate(meta["teacher"])
+    else:  # tdm 0.1.0 checkpoints recorded the teacher's location only: pin it now
+        teacher = resolve_teacher(meta["teacher_source"])
+    local = init_ray(cfg)
+    return evaluate_and_register(cfg, Checkpoint(path, filesystem=fs), teacher, tracking_uri, run.info.run_id,
+                                 num_cpus=worker_cpus(cfg, local) * cfg.train.num_workers)

@@ -1,0 +1,87 @@
+"""Every check that can run before Ray starts or anything is created in MLflow, so a bad input fails
+in seconds with one line naming its field (tdm.errors.ConfigError), never after training.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import TDMConfig
+from .errors import ConfigError, first_line
+
+
+def run_prompts(cfg: TDMConfig, teacher_is_toy: bool) -> list[str]:
+    """The training prompts; errors name data.prompts / data.prompt_source."""
+    from .sources import load_prompts
+
+    if cfg.data.prompt_source:
+        return load_prompts(cfg.data.prompt_source, cfg.data.prompt_column, "data.prompt_source", cfg.data.max_prompts)
+    if cfg.data.prompts is not None:
+        return [p for p in cfg.data.prompts if p.strip()][:cfg.data.max_prompts]
+    if teacher_is_toy:
+        from .toy.data import CAPTIONS
+
+        return list(CAPTIONS)
+    raise ConfigError("data.prompts or data.prompt_source is required for a non-toy teacher")
+
+
+def teacher_scheduler_config(teacher_dir: str | None) -> dict:
+    """The teacher's diffusers scheduler config (teacher_dir None: the embedded toy's)."""
+    from diffusers import DDPMScheduler
+
+    from .toy.teacher import SCHEDULER_CONFIG
+
+    if teacher_dir is None:
+        return dict(SCHEDULER_CONFIG)
+    try:
+        return dict(DDPMScheduler.load_config(teacher_dir, subfolder="scheduler"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher.uri: {teacher_dir} has no readable scheduler/ config ({first_line(e)})") from None
+
+
+def check_grids(cfg: TDMConfig, scheduler_config: dict) -> None:
+    """The student grids must fit the teacher's schedule and the loss margins, and every evaluated
+    sampler must fit the schedule."""
+    from .distiller import student_grids, validate_grids
+    from .schedules import NoiseSchedule
+
+    try:
+        schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
+        validate_grids(student_grids(cfg.student, schedule), cfg.loss)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    top = schedule.max_timestep
+    if cfg.eval.enabled and cfg.eval.teacher_steps > top:
+        raise ConfigError(f"eval.teacher_steps: at most {top} for this teacher's schedule, "
+                          f"got {cfg.eval.teacher_steps}")
+    too_many = [k for k in cfg.eval_student_steps if k > top]
+    if cfg.eval.enabled and too_many:
+        raise ConfigError(f"eval.student_steps: at most {top} for this teacher's schedule, got {too_many}")
+
+
+def check_storage(storage: str) -> str:
+    """Resolve train.storage_path and prove it is writable, within seconds (no Ray hang on a bad endpoint)."""
+    if storage.startswith("s3://"):
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = storage.removeprefix("s3://").partition("/")
+        key = f"{prefix.rstrip('/')}/.tdm-write-check" if prefix else ".tdm-write-check"
+        client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=b"ok")
+            client.delete_object(Bucket=bucket, Key=key)
+        except Exception as e:  # noqa: BLE001 - botocore raises many types: endpoint, credentials, bucket, permission
+            raise ConfigError(f"train.storage_path: cannot write to {storage}: {first_line(e)}") from None
+        return storage
+    if "://" in storage:
+        raise ConfigError(f"train.storage_path: only local paths and s3:// are supported, got {storage}")
+    path = Path(storage).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".tdm-write-check-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.storage_path: cannot write to {path}: {e.strerror or e}") from None
+    return str(path)

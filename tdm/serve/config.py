@@ -1,0 +1,36 @@
+"""Serving options: the deployments' user_config, validated once per (re)configuration."""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ServeConfig(BaseModel):
+    """Serving options (the deployments' user_config). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_uri: str = Field("models:/tdm-student@champion", description="Registered model to serve "
+                           "(models:/<name>@<alias> or models:/<name>/<version>) or a local tdm pipeline directory.")
+    poll_interval_s: float = Field(10.0, ge=0, description="Seconds between registry checks for a moved alias "
+                                   "(0 = never; a new model_uri in user_config still swaps).")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Images per network batch (requests are batched "
+                                "up to this many images; chunks are padded to exactly this size).")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
+    max_images_per_request: int = Field(4, ge=1, description="Upper bound of `n`.")
+    max_prompt_chars: int = Field(1000, ge=1, description="Upper bound of the prompt length.")
+    upscale_factors: list[int] = Field([1], description="Allowed output sizes as integer multiples of the model's "
+                                       "native size (nearest-neighbour upscaling), e.g. 1,32 for the 8x8 toy.")
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
+                                        "or the local tdm store).")
+    decoder: Optional[str] = Field(None, description="Autoencoder to decode with instead of the model's own VAE, "
+                                   "e.g. madebyollin/taesd (a hub id, a local diffusers directory or an s3:// "
+                                   "prefix; AutoencoderTiny or AutoencoderKL for the model's latents). Default: the "
+                                   "model's VAE.")
+
+    @field_validator("decoder")
+    @classmethod
+    def _blank_decoder_is_none(cls, v: Optional[str]) -> Optional[str]:
+        # "" is how a chart value or a CLI flag says "no decoder"
+        return (v.strip() or None) if v is not None else None

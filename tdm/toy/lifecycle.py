@@ -1,0 +1,65 @@
+"""The embedded toy teacher's registry life cycle: trained and registered as `<toy.model_name>@champion`
+the first time a job needs it, then reused while its training settings (toy.*) stay the same."""
+from __future__ import annotations
+
+import tempfile
+import time
+
+from .. import __version__
+from ..config import TDMConfig, ToyConfig
+from ..console import log
+
+
+def toy_config_key(toy: ToyConfig) -> str:
+    """Identity of a toy teacher's training settings (toy.* except the registry name and retrain)."""
+    return toy.model_dump_json(exclude={"model_name", "retrain"})
+
+
+def _train_and_register(toy: ToyConfig, teacher_steps: int, guidance_scale: float, tracking_uri: str) -> str:
+    """(Ray task) Train the toy teacher, log it as a pyfunc model, register it, set alias champion."""
+    import mlflow
+
+    from ..backbones import load_backbone
+    from ..generation import teacher_spec
+    from ..tracking import get_or_create_experiment, log_pipeline_model, register, use_tracking_uri
+    from .teacher import train_toy_teacher
+
+    use_tracking_uri(tracking_uri)
+    exp = get_or_create_experiment(toy.model_name)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=exp, run_name="toy-teacher") as run:
+        mlflow.log_params({f"toy.{k}": v for k, v in toy.model_dump(mode="json").items()})
+        t0 = time.perf_counter()
+        metrics = train_toy_teacher(tmp, train_steps=toy.train_steps, batch_size=toy.batch_size, lr=toy.lr,
+                                    cfg_dropout=toy.cfg_dropout, ema_decay=toy.ema_decay,
+                                    holdout_fraction=toy.holdout_fraction, seed=toy.seed, channels=tuple(toy.channels))
+        mlflow.log_metrics({**metrics, "train_seconds": time.perf_counter() - t0})
+        spec = teacher_spec(load_backbone(tmp), num_steps=teacher_steps, guidance_scale=guidance_scale)
+        spec.save(tmp)
+        info = log_pipeline_model(tmp, spec)
+        tags = {**spec.registry_tags(), "tdm_version": __version__, "toy_config": toy_config_key(toy),
+                "holdout_fraction": toy.holdout_fraction, "seed": toy.seed, "run_id": run.info.run_id}
+        mv = register(info.model_uri, toy.model_name, tags, alias="champion")
+    return f"models:/{toy.model_name}/{mv.version}"
+
+
+def ensure_toy_teacher(cfg: TDMConfig, tracking_uri: str, num_cpus: float) -> str:
+    """models:/<toy.model_name>/<version> of the champion, training and registering it (in a Ray task the
+    size of the training job) on first use or when toy.* changed."""
+    import ray
+    from mlflow.exceptions import MlflowException
+
+    from ..tracking import resolve_model_version
+
+    toy = cfg.toy
+    if not toy.retrain:
+        try:
+            mv = resolve_model_version(f"models:/{toy.model_name}@champion")
+            if mv.tags.get("toy_config") == toy_config_key(toy):
+                log(f"toy teacher: reusing {toy.model_name} version {mv.version}")
+                return f"models:/{toy.model_name}/{mv.version}"
+            log(f"toy teacher: {toy.model_name}@champion was trained with other toy.* settings")
+        except MlflowException:
+            pass
+    log(f"toy teacher: training {toy.model_name} ({toy.train_steps} steps; once, then reused)")
+    task = ray.remote(num_cpus=num_cpus)(_train_and_register)
+    return ray.get(task.remote(toy, cfg.eval.teacher_steps, cfg.loss.guidance_scale, tracking_uri))
