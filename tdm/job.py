@@ -42,7 +42,7 @@ def distill(cfg: TDMConfig) -> dict:
     from .cluster import check_placement, init_ray, worker_cpus
     from .paths import runs_dir
     from .preflight import check_grids, check_storage, run_prompts, teacher_scheduler_config
-    from .teacher import resolve_teacher, teacher_dir
+    from .teacher import resolve_teacher
     from .tracking import use_tracking_uri
 
     # 1. everything that can be checked without Ray
@@ -53,7 +53,7 @@ def distill(cfg: TDMConfig) -> dict:
     teacher = None if is_toy else resolve_teacher(cfg.teacher.uri)
     prompts = run_prompts(cfg, is_toy)
     storage = check_storage(cfg.train.storage_path or str(runs_dir()))
-    check_grids(cfg, teacher_scheduler_config(None if teacher is None else teacher_dir(teacher, tracking_uri)))
+    check_grids(cfg, teacher_scheduler_config(teacher, tracking_uri))
     log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
 
     # 2. Ray, and the toy teacher on first use

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import TDMConfig
 from .errors import ConfigError, first_line
+from .spec import TeacherRef
 
 
 def run_prompts(cfg: TDMConfig, teacher_is_toy: bool) -> list[str]:
@@ -25,18 +26,27 @@ def run_prompts(cfg: TDMConfig, teacher_is_toy: bool) -> list[str]:
     raise ConfigError("data.prompts or data.prompt_source is required for a non-toy teacher")
 
 
-def teacher_scheduler_config(teacher_dir: str | None) -> dict:
-    """The teacher's diffusers scheduler config (teacher_dir None: the embedded toy's)."""
+def teacher_scheduler_config(teacher: TeacherRef | None, tracking_uri: str | None = None) -> dict:
+    """The teacher's diffusers scheduler config (None: the embedded toy's). A hub teacher is asked for that
+    one file at its pinned commit; the others are materialised (downloaded once per node) and read."""
     from diffusers import DDPMScheduler
 
+    from .teacher import teacher_dir
     from .toy.teacher import SCHEDULER_CONFIG
 
-    if teacher_dir is None:
+    if teacher is None:
         return dict(SCHEDULER_CONFIG)
     try:
-        return dict(DDPMScheduler.load_config(teacher_dir, subfolder="scheduler"))
+        if teacher.kind == "hub":
+            from huggingface_hub import constants
+
+            return dict(DDPMScheduler.load_config(teacher.location, subfolder="scheduler", revision=teacher.revision,
+                                                  cache_dir=constants.HF_HUB_CACHE,
+                                                  local_files_only=constants.HF_HUB_OFFLINE))
+        return dict(DDPMScheduler.load_config(teacher_dir(teacher, tracking_uri), subfolder="scheduler"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"teacher.uri: {teacher_dir} has no readable scheduler/ config ({first_line(e)})") from None
+        raise ConfigError(f"teacher.uri: {teacher.location} has no readable scheduler/ config "
+                          f"({first_line(e)})") from None
 
 
 def check_grids(cfg: TDMConfig, scheduler_config: dict) -> None:

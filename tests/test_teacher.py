@@ -81,6 +81,9 @@ def test_hub_id_is_pinned_to_a_commit(home, tiny_toy_dir, tmp_path, monkeypatch)
     ref = resolve_teacher("tdm-test/tiny-toy")
     assert (ref.kind, ref.location, ref.revision) == ("hub", "tdm-test/tiny-toy", "a" * 40)
     assert teacher_dir(ref).endswith("snapshots/" + "a" * 40)
+    from tdm.preflight import teacher_scheduler_config
+
+    assert teacher_scheduler_config(ref)["num_train_timesteps"] == 1000   # one file, at the pinned commit
     (repo / "refs" / "main").write_text("b" * 40)        # the branch moves on
     assert resolve_teacher("tdm-test/tiny-toy").revision == "b" * 40
     assert teacher_dir(ref).endswith("snapshots/" + "a" * 40)   # the pinned commit is what loads

@@ -1,7 +1,8 @@
 """The HTTP front: FastAPI routes in OpenAI's shapes, in a Ray Serve deployment that forwards
-validated jobs to the generator. Defined at import time, like the generator."""
-from __future__ import annotations
+validated jobs to the generator. Defined at import time, like the generator.
 
+No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at run
+time, and a string annotation makes it take `request: Request` for a query parameter."""
 import base64
 import logging
 import time
