@@ -145,8 +145,9 @@ def memory(arch: str, latent: int, device: str, checkpointing: bool) -> None:
 def latency(arch: str, latent: int, device: str, repeats: int, batches: list[int]) -> None:
     from diffusers import AutoencoderTiny
 
-    from tdm.generation import TDMPipeline, model_spec, teacher_spec
+    from tdm.generation import TDMPipeline
     from tdm.sampler import uniform_grid
+    from tdm.spec import model_spec, teacher_spec
 
     b = real_backbone(arch, latent, device)
     student = TDMPipeline(b, model_spec(b, "student", 4, 7.5, grids={4: uniform_grid(4, b.schedule.max_timestep)}))

@@ -20,6 +20,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def grid_problem(grid: list[int], num_steps: int) -> str | None:
+    """Why `grid` is not a K-step student grid (K timesteps, strictly descending, all > 0), or None."""
+    if len(grid) != num_steps:
+        return f"has {len(grid)} entries for K={num_steps}"
+    if any(a <= b for a, b in zip(grid, grid[1:])) or grid[-1] <= 0:
+        return f"must be strictly descending and > 0, got {grid} for K={num_steps}"
+    return None
+
+
 class TeacherConfig(Section):
     uri: str = Field("toy", description="Teacher: 'toy' (the embedded digits teacher, trained and registered on first "
                      "use), a local diffusers directory, a Hugging Face hub id, or models:/<name>@<alias>.")
@@ -260,10 +269,9 @@ class TDMConfig(Section):
         for k, grid in s.explicit_grids.items():
             if k not in s.steps:
                 raise ValueError(f"student.timesteps: K={k} is not a trained step count {s.steps}")
-            if len(grid) != k:
-                raise ValueError(f"student.timesteps has {len(grid)} entries for K={k}")
-            if any(a <= b for a, b in zip(grid, grid[1:])) or grid[-1] <= 0:
-                raise ValueError(f"student.timesteps must be strictly descending and > 0, got {grid} for K={k}")
+            problem = grid_problem(grid, k)
+            if problem:
+                raise ValueError(f"student.timesteps {problem}")
         t = self.train
         if t.batch_size % (t.num_workers * t.grad_accum_steps):
             raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by train.num_workers x "

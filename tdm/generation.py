@@ -18,23 +18,7 @@ from .backbones.base import cond_cat
 from .errors import InputError
 from .losses import classifier_free_guidance
 from .sampler import sample, seeded_noise
-from .spec import SPEC_FILE, STEP_EMBEDDING_FILE, GenerationParams, ModelSpec, ScheduleSpec, TeacherRef
-
-
-def model_spec(backbone: Backbone, kind: str, default_steps: int, guidance_scale: float,
-               grids: dict[int, list[int]] | None = None, step_conditioned: bool = False, negative_prompt: str = "",
-               teacher: TeacherRef | None = None) -> ModelSpec:
-    """A ModelSpec for `backbone`'s family, schedule, output size and decoder."""
-    return ModelSpec(kind=kind, family=backbone.family, schedule=ScheduleSpec.of(backbone.schedule),
-                     default_steps=default_steps, grids=grids or {}, step_conditioned=step_conditioned,
-                     guidance_scale=guidance_scale, negative_prompt=negative_prompt, image_size=backbone.image_size,
-                     decoder=backbone.decoder_spec(), teacher=teacher)
-
-
-def teacher_spec(backbone: Backbone, num_steps: int = 50, guidance_scale: float = 1.0,
-                 negative_prompt: str = "") -> ModelSpec:
-    """Spec of a teacher: multi-step DDIM with CFG, both overridable per call."""
-    return model_spec(backbone, "teacher", num_steps, guidance_scale, negative_prompt=negative_prompt)
+from .spec import SPEC_FILE, STEP_EMBEDDING_FILE, GenerationParams, ModelSpec, ScheduleSpec
 
 
 class TDMPipeline:
@@ -50,7 +34,7 @@ class TDMPipeline:
                              f"{ScheduleSpec.of(backbone.schedule)}")
         self.backbone = backbone
         self.spec = spec
-        self.denoiser = denoiser if denoiser is not None else backbone.denoiser(None, spec.step_values)
+        self.denoiser = denoiser if denoiser is not None else backbone.denoiser(None, spec.supported_steps)
 
     @property
     def kind(self) -> str:
@@ -133,7 +117,6 @@ class TDMPipeline:
             pipe.denoiser.step_embedding.embedding.weight.data.copy_(w)
         pipe.denoiser.to(device).eval().requires_grad_(False)
         return pipe
-
 
 
 def inference_device() -> str:

@@ -165,7 +165,8 @@ def _export_and_evaluate(cfg: TDMConfig, checkpoint, teacher: TeacherRef, tracki
     import mlflow
 
     from .backbones import load_backbone
-    from .generation import TDMPipeline, teacher_spec
+    from .generation import TDMPipeline
+    from .spec import teacher_spec
     from .teacher import teacher_dir
     from .tracking import log_evaluation, log_pipeline_model, use_tracking_uri
     from .train import load_state_file, student_from_state

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from . import __version__
-from .config import TDMConfig
+from .config import TDMConfig, grid_problem
 from .errors import InputError, ParamError, validation_message
 from .sampler import uniform_grid
 from .schedules import NoiseSchedule
@@ -154,10 +154,12 @@ class ModelSpec(_Frozen):
     def _rules(self):
         top = self.schedule.max_timestep
         for k, grid in self.grids.items():
-            if k < 1 or len(grid) != k:
-                raise ValueError(f"grids: the grid of K={k} must have {k} timesteps, got {grid}")
-            if any(a <= b for a, b in zip(grid, grid[1:])) or grid[-1] <= 0 or grid[0] > top:
-                raise ValueError(f"grids: the grid of K={k} must descend strictly within (0, {top}], got {grid}")
+            problem = grid_problem(grid, k)
+            if problem:
+                raise ValueError(f"grids: the grid {problem}")
+            if grid[0] > top:
+                raise ValueError(f"grids: the grid of K={k} starts at {grid[0]}, beyond the schedule's last "
+                                 f"timestep {top}")
         if self.kind == "student":
             if self.default_steps not in self.grids:
                 raise ValueError(f"default_steps: {self.default_steps} has no grid; grids: {sorted(self.grids)}")
@@ -189,11 +191,6 @@ class ModelSpec(_Frozen):
         """The step counts a TDM-unify student accepts (its step embedding has a row for each); None for
         every other model, which accepts any of 1..max_timestep."""
         return sorted(self.grids) if self.step_conditioned else None
-
-    @property
-    def step_values(self) -> list[int] | None:
-        """The step counts of a TDM-unify student's step embedding (None when not step-conditioned)."""
-        return self.supported_steps
 
     def grid(self, steps: int) -> list[int]:
         """The descending timesteps of a `steps`-step sampler: the trained grid when there is one, else
@@ -331,21 +328,32 @@ def _migrate_v0(d: dict, where: str) -> dict:
     return out
 
 
-def student_spec(cfg: TDMConfig, grids: dict[int, list[int]], backbone, teacher: TeacherRef) -> ModelSpec:
-    """The spec of a student of `backbone` (its family, schedule, output size and decoder) distilled with
-    `cfg` on `grids` from `teacher`."""
-    return ModelSpec(kind="student", family=backbone.family, schedule=ScheduleSpec.of(backbone.schedule),
-                     default_steps=cfg.student.num_steps, grids={k: list(g) for k, g in grids.items()},
-                     step_conditioned=cfg.student.unify, guidance_scale=cfg.loss.guidance_scale,
-                     negative_prompt=cfg.teacher.negative_prompt, image_size=backbone.image_size,
+def model_spec(backbone, kind: str, default_steps: int, guidance_scale: float,
+               grids: dict[int, list[int]] | None = None, step_conditioned: bool = False, negative_prompt: str = "",
+               teacher: TeacherRef | None = None) -> ModelSpec:
+    """A ModelSpec for `backbone` (a tdm.backbones.Backbone): its family, schedule, output size and decoder."""
+    return ModelSpec(kind=kind, family=backbone.family, schedule=ScheduleSpec.of(backbone.schedule),
+                     default_steps=default_steps, grids={k: list(g) for k, g in (grids or {}).items()},
+                     step_conditioned=step_conditioned, guidance_scale=guidance_scale,
+                     negative_prompt=negative_prompt, image_size=backbone.image_size,
                      decoder=backbone.decoder_spec(), teacher=teacher)
+
+
+def teacher_spec(backbone, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str = "") -> ModelSpec:
+    """Spec of a teacher: multi-step DDIM with CFG, both overridable per call."""
+    return model_spec(backbone, "teacher", num_steps, guidance_scale, negative_prompt=negative_prompt)
+
+
+def student_spec(cfg: TDMConfig, grids: dict[int, list[int]], backbone, teacher: TeacherRef) -> ModelSpec:
+    """The spec of a student of `backbone` distilled with `cfg` on `grids` from `teacher`."""
+    return model_spec(backbone, "student", cfg.student.num_steps, cfg.loss.guidance_scale, grids=grids,
+                      step_conditioned=cfg.student.unify, negative_prompt=cfg.teacher.negative_prompt,
+                      teacher=teacher)
 
 
 class WorkerSpec(_Frozen):
     """What the driver hands every Ray Train worker: the run's config (validated once, on the driver),
     its resolved teacher, its prompts, where to log and where to checkpoint."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     config: TDMConfig
     teacher: TeacherRef

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tdm.backbones import StepEmbedding, cond_cat, cond_index, load_backbone, predict_x0_eps
-from tdm.generation import TDMPipeline, teacher_spec
+from tdm.generation import TDMPipeline
+from tdm.spec import teacher_spec
 
 
 @pytest.fixture(params=["toy", "sd15"])

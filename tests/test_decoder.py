@@ -12,8 +12,9 @@ from PIL import Image
 
 from tdm.backbones import load_backbone, load_decoder
 from tdm.errors import InputError
-from tdm.generation import TDMPipeline, model_spec
+from tdm.generation import TDMPipeline
 from tdm.sampler import seeded_noise, uniform_grid
+from tdm.spec import model_spec
 
 PROMPTS, SEEDS = ["a cat", "a red dog"], [3, 4]
 #: max abs difference allowed between tdm and stock diffusers images in [0, 1] (float32 on CPU; the

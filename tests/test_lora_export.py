@@ -9,8 +9,8 @@ from tdm.config import load_config
 from tdm.distiller import TDMDistiller
 from tdm.export import LORA_DIR
 from tdm.generation import TDMPipeline
-from tdm.spec import TeacherRef
-from tdm.train import TrainState, build_roles, student_spec
+from tdm.spec import TeacherRef, student_spec
+from tdm.train import TrainState, build_roles
 
 LORA = {"student": {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8}}
 

@@ -29,7 +29,8 @@ def _student_version(tmp_path, seed, tiny_toy_dir):
     import torch
 
     from tdm.backbones import load_backbone
-    from tdm.generation import TDMPipeline, model_spec
+    from tdm.generation import TDMPipeline
+    from tdm.spec import model_spec
     from tdm.tracking import get_or_create_experiment, log_pipeline_model, register, use_tracking_uri
 
     use_tracking_uri()

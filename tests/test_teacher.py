@@ -2,6 +2,7 @@
 process loads exactly that revision, a teacher changed under a run is refused with both identities, and
 a resumed run whose teacher now resolves differently stops before any work."""
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -57,7 +58,7 @@ def test_s3_prefix_is_pinned_by_etags(home, s3_server, tiny_toy_dir):
     ref = resolve_teacher("s3://tdm-test/teachers/pinned/")
     assert (ref.kind, ref.location) == ("s3", "s3://tdm-test/teachers/pinned") and ref.revision.startswith("etags-")
     local = teacher_dir(ref)
-    assert torch.equal(_weights(tiny_toy_dir), _weights(type(tiny_toy_dir)(local)))
+    assert torch.equal(_weights(tiny_toy_dir), _weights(Path(local)))
     assert teacher_dir(ref) == local                    # one download per node and revision
     # the bucket is rewritten: a process that has no copy yet refuses it
     shutil.rmtree(local)
@@ -94,7 +95,7 @@ def _register_teacher_versions(name, tiny_toy_dir, tmp_path, n=2):
     from mlflow import MlflowClient
 
     from tdm.backbones import load_backbone
-    from tdm.generation import teacher_spec
+    from tdm.spec import teacher_spec
     from tdm.tracking import get_or_create_experiment, log_pipeline_model, register, use_tracking_uri
 
     use_tracking_uri()
@@ -119,7 +120,7 @@ def test_registry_alias_is_pinned_to_a_version(ray_cluster, tdm_home, tiny_toy_d
     assert ref.revision.startswith(f"{v1}-")
     MlflowClient().set_registered_model_alias("tdm-pinned-teacher", "champion", v2)
     assert resolve_teacher("models:/tdm-pinned-teacher@champion").location.endswith(f"/{v2}")
-    assert (type(tiny_toy_dir)(teacher_dir(ref)) / "model_index.json").is_file()   # still version 1
+    assert (Path(teacher_dir(ref)) / "model_index.json").is_file()   # still version 1
     stale = ref.model_copy(update={"revision": f"{v1}-000000000000"})  # same number in another registry
     with pytest.raises(TeacherChangedError, match="was pinned to revision"):
         teacher_dir(stale)

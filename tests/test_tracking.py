@@ -4,7 +4,8 @@ import mlflow
 import torch
 
 from tdm.backbones import load_backbone
-from tdm.generation import TDMPipeline, model_spec
+from tdm.generation import TDMPipeline
+from tdm.spec import model_spec
 from tdm.tracking import download_model, get_or_create_experiment, log_pipeline_model, register, use_tracking_uri
 
 

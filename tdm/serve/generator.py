@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 
 from ray import serve
 
@@ -133,8 +134,7 @@ class TDMGenerator:
                 continue
             # validated against the model the ingress last saw, and a swap landed since: check against this one
             try:
-                checked.append(GenerationJob(job.prompt, job.n, model.spec.check_generation(job.params.steps),
-                                             job.seed, job.scale, model.id))
+                checked.append(replace(job, params=model.spec.check_generation(job.params.steps), model_id=model.id))
             except ParamError as e:
                 checked.append(e)
         ok = [j for j in checked if isinstance(j, GenerationJob)]

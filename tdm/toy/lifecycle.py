@@ -20,7 +20,7 @@ def _train_and_register(toy: ToyConfig, teacher_steps: int, guidance_scale: floa
     import mlflow
 
     from ..backbones import load_backbone
-    from ..generation import teacher_spec
+    from ..spec import teacher_spec
     from ..tracking import get_or_create_experiment, log_pipeline_model, register, use_tracking_uri
     from .teacher import train_toy_teacher
 
