@@ -60,20 +60,23 @@ def find_run(experiment_id: str, run_name: str):
     return runs[0] if runs else None
 
 
-def version_identity(mv) -> str:
-    """An immutable identity of a registered version: its number, and a digest of the logged model, run
-    and creation time it points at. Name and number alone are not enough: two registries (a local store,
-    then a team's MLflow server) both have `tdm-student` version 3, and $TDM_HOME is shared between them."""
+def _version_digest(mv) -> str:
+    """A digest of the logged model, run and creation time a registered version points at."""
     import hashlib
 
-    ident = f"{mv.source}|{mv.run_id}|{mv.creation_timestamp}"
-    return f"{mv.version}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    return hashlib.sha256(f"{mv.source}|{mv.run_id}|{mv.creation_timestamp}".encode()).hexdigest()[:12]
+
+
+def version_identity(mv) -> str:
+    """An immutable identity of a registered version: its number and _version_digest. Name and number alone
+    are not enough: two registries (a local store, then a team's MLflow server) both have `tdm-student`
+    version 3, and $TDM_HOME is shared between them."""
+    return f"{mv.version}-{_version_digest(mv)}"
 
 
 def version_cache_key(mv) -> str:
-    """Directory name of a registered version in the model cache: name and identity (version_identity)."""
-    number, digest = version_identity(mv).split("-")
-    return f"{mv.name}--{number}--{digest}"
+    """Directory name of a registered version in the model cache: its name, number and digest."""
+    return f"{mv.name}--{mv.version}--{_version_digest(mv)}"
 
 
 def download_model(mv) -> Path:

@@ -67,11 +67,10 @@ class EvalResult:
     evaluator: Evaluator
 
 
-def _cache_key(teacher_key: str, evaluator: Evaluator, sampler: Sampler, prompts: Sequence[str],
-               seeds: Sequence[int]) -> str:
+def _cache_key(teacher_key: str, evaluator: Evaluator, sampler: Sampler, prompts: Sequence[str], seed: int) -> str:
     blob = json.dumps({"teacher": teacher_key, "evaluator": evaluator.identity, "name": sampler.name,
                        "steps": sampler.steps, "guidance": sampler.guidance_scale, "prompts": list(prompts),
-                       "seeds": [seeds[0], len(seeds)]}, sort_keys=True)
+                       "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -106,7 +105,7 @@ def run_evaluation(plan: Sequence[Sampler], models: dict, evaluator: Evaluator, 
     reference: torch.Tensor | None = None
     for i, s in enumerate(plan):
         pipe = models[s.model]
-        key = _cache_key(teacher_key, evaluator, s, prompts, seeds) if cache is not None and s.model == "teacher" \
+        key = _cache_key(teacher_key, evaluator, s, prompts, seed) if cache is not None and s.model == "teacher" \
             else None
         hit = _cached_row(cache, key) if key is not None else None
         if hit is None:
