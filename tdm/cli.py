@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from .config import TDMConfig, flatten, load_config
 from .errors import ConfigError, TDMError
+from .presets import PRESETS, preset
 
 
 def _leaf_fields(model: type[BaseModel], prefix: str = ""):
@@ -51,6 +52,8 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
                                 usage="%(prog)s [--config FILE] [--section.field VALUE ...]",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML or JSON file with a (partial) nested config; flags override it.")
+    p.add_argument("--preset", metavar="NAME", help=f"Published settings to start from, before --config and flags "
+                   f"(tdm.presets: {', '.join(sorted(PRESETS))}).")
     p.add_argument("--print-config", action="store_true", help="Print the resolved config as JSON and exit.")
     defaults = flatten(TDMConfig().model_dump(mode="json"))
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -64,13 +67,16 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, base: dict | None = None) -> TDMConfig:
-    """Merge `base` (e.g. a checkpoint's config), then --config FILE, then --section.field flags into a
-    validated TDMConfig."""
+    """Merge `base` (e.g. a checkpoint's config), then --preset NAME, then --config FILE, then
+    --section.field flags into a validated TDMConfig."""
     import copy
 
     import yaml
 
     data: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if getattr(args, "preset", None):
+        for section, values in preset(args.preset).items():
+            data.setdefault(section, {}).update(values)
     if getattr(args, "config", None):
         path = Path(args.config)
         if not path.is_file():

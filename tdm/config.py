@@ -31,7 +31,8 @@ def grid_problem(grid: list[int], num_steps: int) -> str | None:
 
 class TeacherConfig(Section):
     uri: str = Field("toy", description="Teacher: 'toy' (the embedded digits teacher, trained and registered on first "
-                     "use), a local diffusers directory, a Hugging Face hub id, or models:/<name>@<alias>.")
+                     "use), 'toy-video' (the embedded moving-digits video teacher, likewise), a local diffusers "
+                     "directory, a Hugging Face hub id, an s3:// prefix, or models:/<name>@<alias>.")
     negative_prompt: str = Field("", description="Prompt of the unconditional CFG branch (empty = unconditional).")
 
 
@@ -57,6 +58,41 @@ class ToyConfig(Section):
         if any(c < 8 or c % 8 for c in self.channels):
             raise ValueError(f"channels must be positive multiples of 8, got {self.channels}")
         return self
+
+
+class ToyVideoConfig(Section):
+    """Training of the embedded toy video teacher (used only when teacher.uri is 'toy-video'): a tiny
+    WanTransformer3DModel in pixel space on moving digits (tdm.toy.video)."""
+
+    model_name: str = Field("tdm-toy-video-teacher", description="Registered model name of the toy video teacher.")
+    train_steps: int = Field(3000, ge=1, description="Optimizer steps of the toy video teacher's flow training.")
+    heads: int = Field(2, ge=1, description="Attention heads of the toy video transformer (head width 16).")
+    layers: int = Field(2, ge=1, description="Transformer blocks of the toy video teacher.")
+    batch_size: int = Field(64, ge=1, description="Toy video teacher training batch size.")
+    lr: float = Field(2e-3, gt=0, description="Toy video teacher learning rate (AdamW, cosine decay).")
+    cfg_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of dropping the caption during teacher "
+                               "training (the unconditional score for CFG).")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the toy video teacher's weights.")
+    holdout_fraction: float = Field(0.4, gt=0, lt=1, description="Fraction of the digits held out from the teacher; "
+                                    "the evaluation classifier is trained on them.")
+    seed: int = Field(0, description="Seed of the toy video teacher's training and data split.")
+    retrain: bool = Field(False, description="Train a new toy video teacher version even if one is registered.")
+
+
+class VideoConfig(Section):
+    """Geometry of a video teacher's samples (image teachers: leave unset). None = what the teacher's model
+    directory records, else the family's release geometry (Wan 2.1: 81 frames of 480x832 at 16 fps;
+    CogVideoX: 49 frames of 480x720 at 8 fps)."""
+
+    frames: Optional[int] = Field(None, ge=1, description="Frames per video (Wan and CogVideoX: 1 + a multiple "
+                                  "of 4, their VAEs' temporal compression).")
+    height: Optional[int] = Field(None, ge=1, description="Frame height in pixels (a multiple of VAE x patch: 16).")
+    width: Optional[int] = Field(None, ge=1, description="Frame width in pixels (a multiple of VAE x patch: 16).")
+    fps: Optional[float] = Field(None, gt=0, description="Frame rate of exported and served videos.")
+
+    def overrides(self) -> dict:
+        """The geometry entries set here (tdm.backbones.load_backbone's `video`)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class StudentConfig(Section):
@@ -210,6 +246,8 @@ class GateConfig(Section):
     max_adherence_drop: float = Field(1.0, ge=0, description="student@K prompt adherence >= teacher's minus this "
                                       "(percentage points).")
     max_fid_ratio_teacher_ddim: float = Field(0.5, gt=0, description="student@K FID <= this x teacher DDIM@K FID.")
+    max_consistency_drop: float = Field(0.0, ge=0, description="Toy video: student@K temporal consistency (same "
+                                        "digit in every frame, %) >= teacher's minus this (percentage points).")
     max_clip_score_drop: float = Field(1.0, ge=0, description="Real teachers: student@K CLIP score >= teacher's "
                                        "teacher_steps CLIP score minus this.")
     max_fid_vs_teacher: Optional[float] = Field(None, gt=0, description="Real teachers: Frechet distance (CLIP "
@@ -217,9 +255,14 @@ class GateConfig(Section):
                                                 "not gated, only reported.")
 
 
+#: teacher.uri of the embedded toys
+TOY_TEACHERS = ("toy", "toy-video")
+
+
 class RegistryConfig(Section):
     experiment: str = Field("tdm", description="MLflow experiment.")
-    model_name: str = Field("tdm-student", description="Registered model name of the student.")
+    model_name: str = Field("tdm-student", description="Registered model name of the student (default "
+                            "'tdm-video-student' for teacher.uri toy-video).")
     alias: str = Field("champion", description="Alias set on a version that passes the gate.")
 
 
@@ -241,6 +284,8 @@ class TDMConfig(Section):
                                 "again with the same name resumes. none = a new timestamped name.")
     teacher: TeacherConfig = TeacherConfig()
     toy: ToyConfig = ToyConfig()
+    toy_video: ToyVideoConfig = ToyVideoConfig()
+    video: VideoConfig = VideoConfig()
     student: StudentConfig = StudentConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -249,6 +294,22 @@ class TDMConfig(Section):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     data: DataConfig = DataConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _video_student_name(cls, data: Any):
+        # the toy video job registers its student apart from the image toy's, unless told otherwise
+        if isinstance(data, dict) and isinstance(data.get("teacher"), dict) and \
+                data["teacher"].get("uri") == "toy-video":
+            registry = data.get("registry") or {}
+            if isinstance(registry, dict) and "model_name" not in registry:
+                data = {**data, "registry": {**registry, "model_name": "tdm-video-student"}}
+        return data
+
+    @property
+    def toy_kind(self) -> str | None:
+        """'toy' or 'toy-video' when the teacher is an embedded toy, else None."""
+        return self.teacher.uri if self.teacher.uri in TOY_TEACHERS else None
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -282,9 +343,12 @@ class TDMConfig(Section):
             raise ValueError("data.prompts is empty")
         if self.data.prompts is not None and self.data.prompt_source is not None:
             raise ValueError("give data.prompts or data.prompt_source, not both")
-        if self.eval.enabled and self.teacher.uri != "toy" and self.eval.clip_model is None:
+        if self.toy_kind is None and self.eval.enabled and self.eval.clip_model is None:
             raise ValueError("eval.clip_model is required to evaluate a non-toy teacher (a CLIP model hub id or "
                              "directory), or set eval.enabled false")
+        if self.teacher.uri == "toy" and self.video.overrides():
+            raise ValueError(f"video.{next(iter(self.video.overrides()))}: the toy teacher makes images; for "
+                             f"video use teacher.uri toy-video")
         if self.eval.student_steps is not None and any(k < 1 for k in self.eval.student_steps):
             raise ValueError(f"eval.student_steps must be >= 1, got {self.eval.student_steps}")
         return self

@@ -69,11 +69,29 @@ def stock_scheduler_config(teacher_config: dict, schedule) -> dict:
     rectified flow. The last step lands on sigma = 0, i.e. returns the x0 prediction as tdm does."""
     import diffusers
 
+    first_order = dict(solver_order=1, algorithm_type="dpmsolver++", final_sigmas_type="zero",
+                       use_karras_sigmas=False, thresholding=False, timestep_spacing="trailing")
     if schedule.kind == "flow":
-        return dict(diffusers.FlowMatchEulerDiscreteScheduler.from_config(teacher_config).config)
-    return dict(diffusers.DPMSolverMultistepScheduler.from_config(
-        teacher_config, solver_order=1, algorithm_type="dpmsolver++", final_sigmas_type="zero",
-        use_karras_sigmas=False, thresholding=False, timestep_spacing="trailing").config)
+        if teacher_config.get("use_flow_sigmas") or teacher_config.get("prediction_type") == "flow_prediction":
+            # Wan's hub configs (UniPC with flow sigmas): first-order DPM-Solver++ on the same flow sigmas
+            return _with_class(diffusers.DPMSolverMultistepScheduler.from_config(
+                teacher_config, use_flow_sigmas=True, prediction_type="flow_prediction",
+                flow_shift=schedule.shift, **first_order))
+        return _with_class(diffusers.FlowMatchEulerDiscreteScheduler.from_config(teacher_config))
+    extra = {}
+    if teacher_config.get("snr_shift_scale") is not None or teacher_config.get("rescale_betas_zero_snr"):
+        # CogVideoX's schedule (docs/method.md eqs. 1.7-1.8) in a form DPM-Solver reads: its betas
+        abar = schedule.alphas_cumprod.double()
+        prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        extra = dict(trained_betas=(1 - abar / prev).tolist(), rescale_betas_zero_snr=False)
+    config = _with_class(diffusers.DPMSolverMultistepScheduler.from_config(teacher_config, **first_order, **extra))
+    if extra:  # the betas already carry the shift: a reader must not apply it twice
+        config.pop("snr_shift_scale", None)
+    return config
+
+
+def _with_class(scheduler) -> dict:
+    return {"_class_name": type(scheduler).__name__, **dict(scheduler.config)}
 
 
 def diffusers_usage(backbone, spec: ModelSpec, scheduler: dict) -> DiffusersUsage:
@@ -81,10 +99,26 @@ def diffusers_usage(backbone, spec: ModelSpec, scheduler: dict) -> DiffusersUsag
     steps = spec.default_steps
     grid = spec.grids.get(steps) or uniform_grid(steps, spec.max_timestep)
     call: dict = {"num_inference_steps": steps, "guidance_scale": 1.0, **backbone.stock_call_kwargs}
-    if backbone.schedule.kind == "flow":  # the scheduler shifts the sigmas it is given, as tdm's schedule does
+    accepts = _call_parameters(backbone.pipeline_class)  # None: a tdm-only class (the toys)
+    note = None
+    if backbone.schedule.kind == "flow" and (accepts is None or "sigmas" in accepts):
+        # the scheduler shifts the sigmas it is given, as tdm's schedule does
         call["sigmas"] = [t / backbone.schedule.num_train_timesteps for t in grid]
-    else:
+    elif backbone.schedule.kind != "flow" and (accepts is None or "timesteps" in accepts):
         call["timesteps"] = list(grid)
+    else:
+        note = (f"{backbone.pipeline_class}.__call__ takes no timesteps or sigmas: the scheduler's own "
+                f"{steps}-step grid approximates the student's {list(grid)} (see README, Video)")
     return DiffusersUsage(pipeline=backbone.pipeline_class, scheduler=scheduler["_class_name"], call=call,
-                          step_conditioned=spec.step_conditioned)
+                          step_conditioned=spec.step_conditioned, note=note)
+
+
+def _call_parameters(pipeline_class: str) -> set[str] | None:
+    """The keyword arguments of a diffusers pipeline class's __call__; None for a tdm-only class (the toys)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    return set(inspect.signature(cls.__call__).parameters) if cls is not None else None
 

@@ -48,19 +48,18 @@ def distill(cfg: TDMConfig) -> dict:
     # 1. everything that can be checked without Ray
     if cfg.name is None:
         cfg = cfg.model_copy(update={"name": time.strftime("tdm-%Y%m%d-%H%M%S")})
-    is_toy = cfg.teacher.uri == "toy"
     tracking_uri = use_tracking_uri()
-    teacher = None if is_toy else resolve_teacher(cfg.teacher.uri)
-    prompts = run_prompts(cfg, is_toy)
+    teacher = None if cfg.toy_kind else resolve_teacher(cfg.teacher.uri)
+    prompts = run_prompts(cfg)
     storage = check_storage(cfg.train.storage_path or str(runs_dir()))
-    check_grids(cfg, teacher_scheduler_config(teacher, tracking_uri))
+    check_grids(cfg, teacher_scheduler_config(teacher, tracking_uri, cfg.toy_kind))
     log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
 
     # 2. Ray, and the toy teacher on first use
     local = init_ray(cfg)
     cpus = worker_cpus(cfg, local)
     check_placement(cfg, cpus)
-    if teacher is None:
+    if teacher is None:  # cfg.toy_kind: an embedded toy
         from .toy.lifecycle import ensure_toy_teacher
 
         teacher = resolve_teacher(ensure_toy_teacher(cfg, tracking_uri, cpus * cfg.train.num_workers))
@@ -172,7 +171,7 @@ def _export_and_evaluate(cfg: TDMConfig, checkpoint, teacher: TeacherRef, tracki
     from .train import load_state_file, student_from_state
 
     use_tracking_uri(tracking_uri)
-    backbone = load_backbone(teacher_dir(teacher, tracking_uri))
+    backbone = load_backbone(teacher_dir(teacher, tracking_uri), video=cfg.video.overrides())
     with checkpoint.as_directory() as d:
         saved = load_state_file(d)
     spec = ModelSpec.parse(saved["spec"], "checkpoint spec")
@@ -186,29 +185,36 @@ def _export_and_evaluate(cfg: TDMConfig, checkpoint, teacher: TeacherRef, tracki
         teacher_pipe = TDMPipeline(backbone, teacher_spec(backbone, cfg.eval.teacher_steps, cfg.loss.guidance_scale,
                                                           cfg.teacher.negative_prompt))
         result = _evaluate(cfg, student, teacher_pipe, teacher)
-        log_evaluation(result, saved["step"])
+        log_evaluation(result, saved["step"], fps=spec.fps or 8.0)
     return ExportResult(spec, saved["step"], model_uri, {
         "rows": {k: r.to_dict() for k, r in result.rows.items()}, "passed": result.passed, "gate": result.gate,
         "columns": [(m.key, m.header, m.fmt) for m in result.evaluator.metrics]})
 
 
 def _evaluate(cfg: TDMConfig, student, teacher_pipe, teacher: TeacherRef):
-    """The toy's digit metrics, or CLIP metrics on the training prompts for a real teacher."""
-    from .evaluation import evaluation_plan, run_evaluation
+    """The toys' classifier metrics, or CLIP metrics on the training prompts for a real teacher (per frame
+    for a video teacher)."""
+    from .evaluation import Evaluator, evaluation_plan, run_evaluation
     from .paths import cache_dir
 
     e = cfg.eval
-    if cfg.teacher.uri == "toy":
+    if cfg.toy_kind == "toy":
         from .evaluation.toy import DigitEvaluator, eval_prompts
 
-        evaluator = DigitEvaluator(cfg.toy.holdout_fraction, cfg.toy.seed)
+        evaluator: Evaluator = DigitEvaluator(cfg.toy.holdout_fraction, cfg.toy.seed)
         prompts = eval_prompts(e.num_samples)
+    elif cfg.toy_kind == "toy-video":
+        from .evaluation.toy_video import MotionEvaluator, video_eval_prompts
+
+        evaluator = MotionEvaluator(cfg.toy_video.holdout_fraction, cfg.toy_video.seed)
+        prompts = video_eval_prompts(e.num_samples)
     else:
-        from .evaluation.clip import ClipEvaluator
+        from .evaluation.clip import ClipEvaluator, VideoClipEvaluator
         from .preflight import run_prompts
 
-        evaluator = ClipEvaluator(e.clip_model, device=next(student.denoiser.parameters()).device)
-        train_prompts = run_prompts(cfg, False)
+        kind = ClipEvaluator if student.spec.frames is None else VideoClipEvaluator
+        evaluator = kind(e.clip_model, device=next(student.denoiser.parameters()).device)
+        train_prompts = run_prompts(cfg)
         prompts = [train_prompts[i % len(train_prompts)] for i in range(e.num_samples)]
     return run_evaluation(evaluation_plan(cfg), {"teacher": teacher_pipe, "student": student}, evaluator, prompts,
                           e.seed, e.batch_size, cfg.student.num_steps, cfg.gate, cache_dir=cache_dir("eval"),

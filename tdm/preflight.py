@@ -11,7 +11,7 @@ from .errors import ConfigError, first_line
 from .spec import TeacherRef
 
 
-def run_prompts(cfg: TDMConfig, teacher_is_toy: bool) -> list[str]:
+def run_prompts(cfg: TDMConfig) -> list[str]:
     """The training prompts; errors name data.prompts / data.prompt_source."""
     from .sources import load_prompts
 
@@ -19,23 +19,24 @@ def run_prompts(cfg: TDMConfig, teacher_is_toy: bool) -> list[str]:
         return load_prompts(cfg.data.prompt_source, cfg.data.prompt_column, "data.prompt_source", cfg.data.max_prompts)
     if cfg.data.prompts is not None:
         return [p for p in cfg.data.prompts if p.strip()][:cfg.data.max_prompts]
-    if teacher_is_toy:
-        from .toy.data import CAPTIONS
+    if cfg.toy_kind is not None:
+        from .toy.lifecycle import toy_prompts
 
-        return list(CAPTIONS)
+        return toy_prompts(cfg.toy_kind)
     raise ConfigError("data.prompts or data.prompt_source is required for a non-toy teacher")
 
 
-def teacher_scheduler_config(teacher: TeacherRef | None, tracking_uri: str | None = None) -> dict:
-    """The teacher's diffusers scheduler config (None: the embedded toy's). A hub teacher is asked for that
-    one file at its pinned commit; the others are materialised (downloaded once per node) and read."""
+def teacher_scheduler_config(teacher: TeacherRef | None, tracking_uri: str | None = None,
+                             toy_kind: str | None = None) -> dict:
+    """The teacher's diffusers scheduler config (None: the embedded toy `toy_kind`'s). A hub teacher is asked
+    for that one file at its pinned commit; the others are materialised (downloaded once per node) and read."""
     from diffusers import DDPMScheduler
 
     from .teacher import teacher_dir
-    from .toy.teacher import SCHEDULER_CONFIG
+    from .toy.lifecycle import toy_scheduler_config
 
     if teacher is None:
-        return dict(SCHEDULER_CONFIG)
+        return toy_scheduler_config(toy_kind or "toy")
     try:
         if teacher.kind == "hub":
             from huggingface_hub import constants

@@ -4,8 +4,10 @@
     pngs = model.predict(pd.DataFrame({"prompt": [...]}),
                          params={"num_inference_steps": 4, "guidance_scale": 2.0, "seed": 0})
 
-returns one PNG (bytes) per prompt. Students default to their K and their distilled guidance;
-teachers honour both parameters. Image i is seeded with seed + i: same seed, same images.
+returns one PNG (bytes) per prompt; a video model (its ModelSpec has `frames`) returns one H.264 MP4
+(bytes) per prompt instead, of the model's frames, size and fps. Students default to their K and their
+distilled guidance; teachers honour both parameters. Sample i is seeded with seed + i: same seed, same
+images or videos.
 
 Load-time options go in MLflow's `model_config`:
 
@@ -37,6 +39,7 @@ class TDMPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> list[bytes]:  # noqa: ARG002 - MLflow's signature
         from tdm.images import to_png_bytes
+        from tdm.video import to_mp4_bytes
 
         params = params or {}
         if hasattr(model_input, "columns"):
@@ -47,12 +50,14 @@ class TDMPyfuncModel(mlflow.pyfunc.PythonModel):
             prompts = [str(p) for p in model_input]
         images = self.pipe(prompts, num_inference_steps=params.get("num_inference_steps"),
                            guidance_scale=params.get("guidance_scale"), seed=int(params.get("seed", 0) or 0))
+        if images.ndim == 5:  # videos (B, F, C, H, W)
+            return [to_mp4_bytes(v, self.pipe.spec.fps or 8.0) for v in images]
         return to_png_bytes(images)
 
 
 def pyfunc_signature(spec):
-    """predict(DataFrame{prompt}, params{num_inference_steps, guidance_scale, seed}) -> list of PNG bytes,
-    defaulting to the model's steps and guidance (spec: tdm.spec.ModelSpec)."""
+    """predict(DataFrame{prompt}, params{num_inference_steps, guidance_scale, seed}) -> list of PNG (images)
+    or MP4 (videos) bytes, defaulting to the model's steps and guidance (spec: tdm.spec.ModelSpec)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 

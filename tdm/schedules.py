@@ -110,6 +110,25 @@ def mixed_noise(eps_hat: torch.Tensor, alpha_r, sigma_r, alpha_tau, sigma_tau, z
     return (_bc(A * sigma_r, eps_hat) * eps_hat + _bc(B, z) * z) / _bc(sigma_tau, z)
 
 
+#: the terminal abar of a zero-terminal-SNR schedule, as diffusers' DPM-Solver and Euler schedulers floor it
+TERMINAL_ALPHA_CUMPROD = 2.0 ** -24
+
+
+def snr_shifted(alphas_cumprod: torch.Tensor, scale: float) -> torch.Tensor:
+    """abar' = abar / (s + (1 - s) abar), i.e. SNR' = SNR / s: CogVideoX's `snr_shift_scale` (Yang et al. 2024,
+    §3.1; docs/method.md eq. 1.7). (T,) -> (T,)."""
+    return alphas_cumprod / (scale + (1.0 - scale) * alphas_cumprod)
+
+
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Rescale sqrt(abar) linearly so that abar_0 is kept and abar_{T-1} = 0 (Lin et al. 2024, Algorithm 1;
+    docs/method.md eq. 1.8). (T,) -> (T,)."""
+    r = alphas_cumprod.double().sqrt()
+    first, last = r[0].clone(), r[-1].clone()
+    r = (r - last) * first / (first - last)
+    return r.square().to(alphas_cumprod.dtype)
+
+
 def snr(alpha, sigma):
     """Signal-to-noise ratio alpha^2 / sigma^2 (Kingma et al. 2021; docs/method.md eq. 1.6)."""
     return alpha**2 / sigma**2
@@ -154,16 +173,32 @@ class NoiseSchedule:
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> "NoiseSchedule":
-        """Build from a diffusers scheduler config (DDPM/DDIM/PNDM/Euler/... or FlowMatchEulerDiscrete)."""
+        """Build from a diffusers scheduler config: VP (DDPM/DDIM/PNDM/Euler/DPM-Solver/..., with CogVideoX's
+        `snr_shift_scale` and `rescale_betas_zero_snr`) or rectified flow (FlowMatchEulerDiscrete `shift`;
+        UniPC/DPM-Solver with `use_flow_sigmas` or prediction_type "flow_prediction" and `flow_shift`, as in
+        Wan's hub configs)."""
         T = int(config.get("num_train_timesteps", 1000))
         if "FlowMatch" in config.get("_class_name", "") or config.get("prediction_type") == "flow":
             return cls(kind="flow", prediction_type="flow", num_train_timesteps=T,
                        shift=float(config.get("shift", 1.0)))
+        if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+            return cls(kind="flow", prediction_type="flow", num_train_timesteps=T,
+                       shift=float(config.get("flow_shift") or 1.0))
         from diffusers import DDPMScheduler
 
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
         ddpm = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None})
+        abar = ddpm.alphas_cumprod.clone()  # type: ignore[attr-defined]
+        if config.get("snr_shift_scale") is not None:
+            abar = snr_shifted(abar, float(config["snr_shift_scale"]))
+        if config.get("rescale_betas_zero_snr"):
+            # Algorithm 1 ends at exactly 0; keep diffusers' floor (its DPM-Solver and Euler schedulers use
+            # 2^-24) so the last level has a finite log-SNR and an exported DPM-Solver samples it
+            abar = zero_terminal_snr(abar).clamp_min(TERMINAL_ALPHA_CUMPROD)
         pred = config.get("prediction_type", "epsilon")
         if pred not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler prediction_type must be epsilon or v_prediction for VP teachers, got {pred!r}")
-        return cls(kind="vp", prediction_type=pred, num_train_timesteps=T, alphas_cumprod=ddpm.alphas_cumprod.clone())  # type: ignore[attr-defined]
+        if pred == "epsilon" and config.get("rescale_betas_zero_snr"):
+            raise ValueError("scheduler: an epsilon-prediction model cannot have zero terminal SNR "
+                             "(rescale_betas_zero_snr): x0 = (x - sigma eps) / alpha is undefined at alpha = 0")
+        return cls(kind="vp", prediction_type=pred, num_train_timesteps=T, alphas_cumprod=abar)

@@ -113,6 +113,8 @@ class DiffusersUsage(_Frozen):
     call: dict[str, Any]
     step_conditioned: bool = False
     lora: Optional[str] = Field(None, description="diffusers LoRA weights of a LoRA student, relative path.")
+    note: Optional[str] = Field(None, description="Where stock diffusers cannot reproduce tdm's sampler exactly, "
+                                "why; none: the call reproduces it.")
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,7 @@ def model_spec(backbone, kind: str, default_steps: int, guidance_scale: float,
                      default_steps=default_steps, grids={k: list(g) for k, g in (grids or {}).items()},
                      step_conditioned=step_conditioned, guidance_scale=guidance_scale,
                      negative_prompt=negative_prompt, image_size=backbone.image_size,
-                     decoder=backbone.decoder_spec(), teacher=teacher)
+                     frames=backbone.frames, fps=backbone.fps, decoder=backbone.decoder_spec(), teacher=teacher)
 
 
 def teacher_spec(backbone, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str = "") -> ModelSpec:

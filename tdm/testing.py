@@ -170,3 +170,65 @@ def build_tiny_clip(path: str | Path, seed: int = 0, mean=(0.48145466, 0.4578275
 
 #: family -> builder of a tiny random-weight pipeline
 TINY_BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sd3": build_tiny_sd3}
+
+
+def _tiny_umt5(tokenizer, d_model: int = 32):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=64, num_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=8, pad_token_id=1,
+                                       eos_token_id=1, decoder_start_token_id=0))
+
+
+def build_tiny_wan(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Wan 2.1-shaped pipeline (WanTransformer3DModel, AutoencoderKLWan, UMT5; UniPC with flow
+    sigmas and flow_shift 3, as the hub configs), diffusers' own test sizes; 32x32 videos of 5 frames
+    make (16, 2, 4, 4) latents."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=_tiny_umt5(tok), transformer=transformer, vae=vae,
+                       scheduler=scheduler)
+    pipe.save_pretrained(path / "pipe")
+    return path / "pipe"
+
+
+def build_tiny_cogvideox(path: str | Path, seed: int = 0) -> Path:
+    """A tiny CogVideoX-2B-shaped pipeline (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5;
+    CogVideoX's DDIM schedule: v-prediction, SNR shift 3, zero terminal SNR); its training geometry is
+    9 frames of 16x16 ((3, 4, 2, 2) latents)."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=1,
+                                              sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=16)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4)
+    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       prediction_type="v_prediction", snr_shift_scale=3.0,
+                                       rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                       clip_sample=False, set_alpha_to_one=True)
+    pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=_tiny_t5(tok), transformer=transformer, vae=vae,
+                             scheduler=scheduler)
+    pipe.save_pretrained(path / "pipe")
+    return path / "pipe"
+
+
+#: video family -> builder of a tiny random-weight pipeline
+TINY_VIDEO_BUILDERS = {"wan": build_tiny_wan, "cogvideox": build_tiny_cogvideox}

@@ -173,8 +173,28 @@ class RankZeroLogger:
         for k in self.cfg.student.steps:
             images = pipe(prompts, num_inference_steps=k, seeds=[i // n for i in range(len(prompts))])
             scale = max(1, 64 // images.shape[-1])
-            self.client.log_image(self.run_id, image_grid(images, nrow=n, scale=scale), key=f"samples_K{k}",
-                                  step=step)
+            if images.ndim == 5:  # videos: an animated grid per step, as GIF and MP4
+                log_video_grid(self.client, self.run_id, images, n, scale, self.spec.fps or 8.0,
+                               f"samples/K{k}", f"step_{step:07d}")
+            else:
+                self.client.log_image(self.run_id, image_grid(images, nrow=n, scale=scale), key=f"samples_K{k}",
+                                      step=step)
+
+
+def log_video_grid(client, run_id: str, videos: torch.Tensor, nrow: int, scale: int, fps: float,
+                   artifact_dir: str, name: str) -> None:
+    """Videos (N, F, C, H, W) tiled into one animated grid, logged as <artifact_dir>/<name>.gif and .mp4
+    (the MLflow UI plays the GIF in its artifact viewer)."""
+    import tempfile
+
+    from .video import grid_video, to_gif_bytes, to_mp4_bytes
+
+    grid = grid_video(videos, nrow=nrow, scale=scale)
+    with tempfile.TemporaryDirectory() as tmp:
+        for ext, data in (("gif", to_gif_bytes(grid, fps)), ("mp4", to_mp4_bytes(grid, fps))):
+            f = Path(tmp) / f"{name}.{ext}"
+            f.write_bytes(data)
+            client.log_artifact(run_id, str(f), artifact_path=artifact_dir)
 
 
 # ---------------------------------------------------------------- the model contract
@@ -236,7 +256,7 @@ def register(model_uri: str, name: str, tags: dict, alias: str | None = None):
     return mv
 
 
-def log_evaluation(result, step: int) -> None:
+def log_evaluation(result, step: int, fps: float = 8.0) -> None:
     """An evaluation (tdm.evaluation.EvalResult) into the active run: eval/<row>/<metric> and latency
     metrics, the gate metrics, eval/table.json, one sample grid per row, and what the evaluator is
     (eval/evaluator.json)."""
@@ -254,5 +274,9 @@ def log_evaluation(result, step: int) -> None:
     mlflow.log_metrics(metrics, step=step)
     mlflow.log_table(pd.DataFrame([r.to_dict() for r in result.rows.values()]), artifact_file="eval/table.json")
     mlflow.log_dict({"kind": ev.kind, **ev.info()}, "eval/evaluator.json")
+    run_id = mlflow.active_run().info.run_id
     for name, imgs in result.grids.items():
-        mlflow.log_image(image_grid(imgs, nrow=ev.grid_nrow, scale=ev.grid_scale), artifact_file=f"eval/{name}.png")
+        if imgs.ndim == 5:
+            log_video_grid(mlflow.MlflowClient(), run_id, imgs, ev.grid_nrow, ev.grid_scale, fps, "eval", name)
+        else:
+            mlflow.log_image(image_grid(imgs, nrow=ev.grid_nrow, scale=ev.grid_scale), artifact_file=f"eval/{name}.png")

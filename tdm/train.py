@@ -204,7 +204,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # the frozen teacher (and a LoRA base) needs no fp32 master copy: keep it in the autocast dtype on GPU
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32) \
         if device.type == "cuda" else torch.float32
-    backbone = load_backbone(teacher_dir(ws.teacher, ws.tracking_uri), device=device, dtype=teacher_dtype)
+    backbone = load_backbone(teacher_dir(ws.teacher, ws.tracking_uri), device=device, dtype=teacher_dtype,
+                             video=cfg.video.overrides())
     prompts = ws.prompts
     cond_all = encode_prompt_set(backbone, prompts, ws.teacher, cfg.data.embedding_cache)
     uncond_one = backbone.encode_prompts([cfg.teacher.negative_prompt])

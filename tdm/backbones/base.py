@@ -3,8 +3,9 @@
 A backbone adapter knows one model family (SD-style UNets, PixArt/SD3 transformers, the toy): how
 to load it, encode prompts, call the network, and decode latents. The trainer only sees:
 
-- `Backbone.encode_prompts(prompts) -> Cond` and `Backbone.decode(latents) -> images`;
-- `Backbone.latent_shape` and `Backbone.schedule` (a `tdm.schedules.NoiseSchedule`);
+- `Backbone.encode_prompts(prompts) -> Cond` and `Backbone.decode(latents) -> images or videos`;
+- `Backbone.latent_shape` (any rank: a video family adds a frame axis) and `Backbone.schedule` (a
+  `tdm.schedules.NoiseSchedule`);
 - `Denoiser` modules (one per role) mapping (x_t, t, cond[, num_steps]) to the raw network output,
   which `predict_x0_eps` turns into (x0, eps) with the schedule's parameterisation.
 
@@ -66,7 +67,9 @@ class StepEmbedding(nn.Module):
     def hook(self, _module, _inputs, output):
         if self._current is None:
             return output
-        return output + self.embedding(self._current).to(output.dtype)
+        e = self.embedding(self._current).to(output.dtype)  # (B, dim)
+        # a per-token timestep embedding (B, tokens, dim), e.g. Wan 2.2 TI2V, gets the same row on every token
+        return output + e.reshape(e.shape[0], *([1] * (output.ndim - 2)), e.shape[-1])
 
 
 class Denoiser(nn.Module):
@@ -183,8 +186,12 @@ class Backbone(ABC):
     #: family name recorded in artifacts ("unet", ...)
     family: str
     schedule: NoiseSchedule
-    #: (C, H, W) of the diffusion space (VAE latents, or pixels for the toy)
-    latent_shape: tuple[int, int, int]
+    #: shape of one sample in the diffusion space (VAE latents, or pixels for the toys): (C, H, W) for images;
+    #: a video family's own layout, e.g. (C, F, H, W) for Wan and (F, C, H, W) for CogVideoX
+    latent_shape: tuple[int, ...]
+    #: frames per decoded sample and their rate; None for an image model
+    frames: int | None = None
+    fps: float | None = None
     #: the teacher network (frozen); student and fake score start as copies. A diffusers model: its
     #: config and submodules are attributes only known at run time, hence Any
     network: Any
@@ -204,7 +211,7 @@ class Backbone(ABC):
         """(height, width) of decoded images: the latent size times the VAE's upsampling."""
         from .decoders import upsampling
 
-        _, h, w = self.latent_shape
+        h, w = self.latent_shape[-2:]
         f = 1 if self.vae is None else upsampling(self.vae)
         return h * f, w * f
 
@@ -228,7 +235,8 @@ class Backbone(ABC):
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], (B, C, H, W) float32, from samples in the diffusion space."""
+        """Images (B, C, H, W) or, for a video model, videos (B, F, C, H, W), float32 in [0, 1], from samples
+        in the diffusion space."""
 
     @abstractmethod
     def call_network(self, net: Model, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -35,11 +35,13 @@ class StockPipelineBackbone(Backbone):
         self.network = getattr(pipe, self.denoiser_name)
         self.lora_prefix = self.denoiser_name
         self.pipeline_class = type(pipe).__name__
-        self.scheduler_config = dict(pipe.scheduler.config)
+        # a scheduler built in memory has no _class_name in its config until it is saved
+        self.scheduler_config = {"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
         self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config)
         c = self.network.config
-        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-        self.latent_shape = (c.in_channels, size, size)
+        if getattr(c, "sample_size", None) is not None:  # image networks; a video network's geometry is chosen
+            size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+            self.latent_shape = (c.in_channels, size, size)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32):
@@ -79,7 +81,8 @@ class StockPipelineBackbone(Backbone):
             comps[self.denoiser_name] = network
         if scheduler_config is not None:
             comps["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-        extra = {k: self.pipe.config[k] for k in ("force_zeros_for_empty_prompt",) if k in self.pipe.config}
+        extra = {k: self.pipe.config[k] for k in ("force_zeros_for_empty_prompt", "expand_timesteps")
+                 if k in self.pipe.config}
         type(self.pipe)(**comps, **extra).save_pretrained(str(path))
 
 

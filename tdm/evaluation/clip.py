@@ -207,3 +207,39 @@ def evaluate_against_teacher(student_images: torch.Tensor, teacher_images: torch
         "clip_score_student": evaluator.clip_score(student_images, prompts),
         "clip_score_teacher": evaluator.clip_score(teacher_images, prompts),
     }
+
+
+def frame_consistency(features: torch.Tensor) -> float:
+    """Mean cosine similarity x 100 of consecutive frames' CLIP embeddings, features (N, F, D) with F >= 2
+    (docs/method.md §7): 100 for a still video."""
+    if features.ndim != 3 or features.shape[1] < 2:
+        raise ValueError(f"frame consistency: need (N, F >= 2, D) features, got {tuple(features.shape)}")
+    cos = F.cosine_similarity(features[:, 1:].double(), features[:, :-1].double(), dim=-1)
+    return float(100.0 * cos.mean())
+
+
+class VideoClipEvaluator(ClipEvaluator):
+    """Real video teachers: per-frame CLIP score, CLIP-space FD over frames between the model's and the
+    reference teacher's videos, and frame-to-frame CLIP consistency."""
+
+    kind = "clip-video"
+    metrics = ClipEvaluator.metrics + (Metric("frame_consistency", "frame consistency"),)
+    grid_images, grid_nrow = 8, 4
+
+    def __init__(self, model: str, device="cpu", dtype=torch.float32):
+        super().__init__(model, device, dtype)
+        self._identity["evaluator"] = "clip-video"
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], reference: torch.Tensor | None) -> dict[str, float]:
+        """videos (N, F, C, H, W) in [0, 1] for `prompts`; `reference` the reference teacher's videos."""
+        if images.ndim != 5:
+            raise ValueError(f"video clip eval: videos must be (N, F, C, H, W), got {tuple(images.shape)}")
+        n, frames = images.shape[:2]
+        feats = self.image_features(images.flatten(0, 1))
+        text = self.text_features(prompts).repeat_interleave(frames, 0)
+        out = {"clip_score": clip_score_from_features(feats, text), "fid_vs_teacher": 0.0,
+               "frame_consistency": frame_consistency(feats.view(n, frames, -1))}
+        if reference is not None:
+            ref = self.image_features(reference.flatten(0, 1))
+            out["fid_vs_teacher"] = frechet_distance(*feature_stats(feats), *feature_stats(ref))
+        return out

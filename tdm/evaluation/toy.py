@@ -58,7 +58,13 @@ class DigitEvaluator(Evaluator):
         return self.score_labels(images, torch.tensor(labels))
 
     def gate_checks(self, student: EvalRow, reference: EvalRow, teacher_ddim: EvalRow, gate_config) -> list[GateCheck]:
-        s, t, d = student.metrics, reference.metrics, teacher_ddim.metrics
-        return [GateCheck("fid_ratio_teacher", s["fid"] / t["fid"], gate_config.max_fid_ratio_teacher),
-                GateCheck("adherence_drop", t["adherence"] - s["adherence"], gate_config.max_adherence_drop),
-                GateCheck("fid_ratio_teacher_ddim", s["fid"] / d["fid"], gate_config.max_fid_ratio_teacher_ddim)]
+        return fid_adherence_checks(student, reference, teacher_ddim, gate_config)
+
+
+def fid_adherence_checks(student: EvalRow, reference: EvalRow, teacher_ddim: EvalRow, gate_config) -> list[GateCheck]:
+    """The toys' gate: student@K FID against the reference teacher's and the teacher's own K-step sampler's,
+    and its adherence against the reference's."""
+    s, t, d = student.metrics, reference.metrics, teacher_ddim.metrics
+    return [GateCheck("fid_ratio_teacher", s["fid"] / t["fid"], gate_config.max_fid_ratio_teacher),
+            GateCheck("adherence_drop", t["adherence"] - s["adherence"], gate_config.max_adherence_drop),
+            GateCheck("fid_ratio_teacher_ddim", s["fid"] / d["fid"], gate_config.max_fid_ratio_teacher_ddim)]

@@ -29,6 +29,23 @@ class ServeConfig(BaseModel):
                                    "prefix; AutoencoderTiny or AutoencoderKL for the model's latents). Default: the "
                                    "model's VAE.")
 
+    video_store: Optional[str] = Field(None, description="Where video jobs and their MP4s are kept: none = this "
+                                       "ingress replica's memory (one replica); s3://bucket/prefix = an S3-compatible "
+                                       "store every replica reads.")
+    video_store_max_jobs: int = Field(1000, ge=1, description="Video jobs kept; the oldest are dropped beyond it.")
+    video_store_ttl_s: float = Field(3600.0, gt=0, description="Seconds a video job and its MP4 are kept.")
+    video_job_timeout_s: float = Field(900.0, gt=0, description="A video job still unfinished after this many "
+                                       "seconds (e.g. its ingress replica died) is reported failed.")
+
+    @field_validator("video_store")
+    @classmethod
+    def _blank_store_is_none(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or not v.strip():
+            return None
+        if not v.startswith("s3://"):
+            raise ValueError(f"must be an s3://bucket/prefix (or empty for memory), got {v!r}")
+        return v.strip()
+
     @field_validator("decoder")
     @classmethod
     def _blank_decoder_is_none(cls, v: Optional[str]) -> Optional[str]:

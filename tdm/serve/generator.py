@@ -46,12 +46,24 @@ def resolve_version(uri: str, tracking_uri: str | None) -> str | None:
     return str(resolve_model_version(uri).version)
 
 
-def run_images(pipe, jobs: list[GenerationJob], chunk: int) -> list[list[bytes]]:
-    """Generate every job's images in network batches of exactly `chunk` images (padding the last
-    chunk), so a result never depends on how requests were grouped. Returns PNGs per job."""
+def _upscaled(sample, scale: int):
+    """An image (C, H, W) or video (F, C, H, W) upscaled `scale` x (nearest)."""
     import torch
 
+    if scale == 1:
+        return sample
+    frames = sample if sample.ndim == 4 else sample[None]
+    out = torch.nn.functional.interpolate(frames, scale_factor=scale, mode="nearest")
+    return out if sample.ndim == 4 else out[0]
+
+
+def run_images(pipe, jobs: list[GenerationJob], chunk: int) -> list[list[bytes]]:
+    """Generate every job's images (or video) in network batches of exactly `chunk` samples (padding the
+    last chunk), so a result never depends on how requests were grouped. Returns PNGs (or one MP4) per job."""
     from ..images import to_png_bytes
+    from ..video import to_mp4_bytes
+
+    fps = pipe.spec.fps or 8.0
 
     flat = [(j, job.prompt, job.seed + i, job.params, job.scale) for j, job in enumerate(jobs) for i in range(job.n)]
     out: list[list[bytes]] = [[] for _ in jobs]
@@ -61,10 +73,9 @@ def run_images(pipe, jobs: list[GenerationJob], chunk: int) -> list[list[bytes]]
             part = items[start:start + chunk]
             padded = part + [part[0]] * (chunk - len(part))
             images = pipe.render([p for _, p, _, _, _ in padded], params, [s for _, _, s, _, _ in padded])[:len(part)]
-            for (j, _, _, _, scale), img in zip(part, images):
-                img = img if scale == 1 else torch.nn.functional.interpolate(img[None], scale_factor=scale,
-                                                                              mode="nearest")[0]
-                out[j].extend(to_png_bytes(img[None]))
+            for (j, _, _, _, scale), sample in zip(part, images):
+                sample = _upscaled(sample, scale)
+                out[j].append(to_mp4_bytes(sample, fps) if jobs[j].video else to_png_bytes(sample[None])[0])
     return out
 
 
@@ -129,6 +140,10 @@ class TDMGenerator:
         pipe, model = self.current  # one model for the whole batch, even if a swap lands meanwhile
         checked: list[GenerationJob | ParamError] = []
         for job in jobs:
+            if job.video != model.is_video:  # a swap replaced a video model by an image model, or the reverse
+                checked.append(ParamError("model", f"{model.id} now generates "
+                                          f"{'videos' if model.is_video else 'images'}; send the request again"))
+                continue
             if job.model_id == model.id:
                 checked.append(job)
                 continue

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..errors import ParamError
 from ..spec import GenerationParams, ModelSpec
@@ -34,6 +34,22 @@ class ImageRequest(BaseModel):
     steps: Optional[StrictInt] = None
     seed: Optional[StrictInt] = None
     user: Optional[StrictStr] = None        # accepted for OpenAI client compatibility, unused
+
+
+class VideoRequest(BaseModel):
+    """`POST /v1/videos` body (OpenAI's videos API, as vLLM-Omni and FastVideo serve it): the duration as
+    `seconds` or `num_frames`, plus the extensions `steps` and `seed`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr
+    model: Optional[StrictStr] = None
+    seconds: Optional[StrictStr | StrictInt | StrictFloat] = None
+    num_frames: Optional[StrictInt] = None
+    size: Optional[StrictStr] = None
+    steps: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = None
+    user: Optional[StrictStr] = None
 
 
 class RequestError(ValueError):
@@ -65,6 +81,15 @@ class ServedModel:
     spec: ModelSpec
 
     @property
+    def is_video(self) -> bool:
+        return self.spec.frames is not None
+
+    @property
+    def seconds(self) -> str:
+        """A video's duration, as the videos API reports it (frames / fps, e.g. "1.25")."""
+        return f"{self.spec.frames / (self.spec.fps or 8.0):g}"
+
+    @property
     def native_size(self) -> list[int]:
         """[height, width] of a generated image before upscaling."""
         if self.spec.image_size is None:
@@ -91,7 +116,8 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """One validated request: `n` images of `prompt`, image i seeded `seed + i`, upscaled `scale` x."""
+    """One validated request: `n` images (or one video) of `prompt`, sample i seeded `seed + i`, upscaled
+    `scale` x."""
 
     prompt: str
     n: int
@@ -99,20 +125,20 @@ class GenerationJob:
     seed: int
     scale: int
     model_id: str           # the model it was validated against
+    video: bool = False     # an MP4 (the model's frames) instead of PNGs
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """A job's PNGs and the model that made them, or the error that refused it."""
+    """A job's PNGs (or MP4) and the model that made them, or the error that refused it."""
 
     model_id: str
     images: tuple[bytes, ...] = ()
     error: Optional[ParamError] = None
 
 
-def parse_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> GenerationJob:
-    """Validate a generation request against the served model; returns the job or raises RequestError
-    naming the field."""
+def _body(raw: bytes, schema: type[BaseModel]):
+    """The request body validated as `schema`; RequestError naming the field."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -120,23 +146,24 @@ def parse_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> Generatio
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     try:
-        req = ImageRequest.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
+        param = str(err["loc"][0]) if err["loc"] else None  # a top-level field (a union adds its member)
         msg = "unrecognized request argument" if err["type"] == "extra_forbidden" else err["msg"]
         raise RequestError(f"{param}: {msg}", param) from None
+
+
+def _common(req, model: ServedModel, cfg: ServeConfig):
+    """Checks every request shares: prompt, model, steps, seed, size. Returns (prompt, params, seed, scale)."""
     prompt = req.prompt.strip()
     if not prompt:
         raise RequestError("prompt: must not be empty", "prompt")
     if len(req.prompt) > cfg.max_prompt_chars:
         raise RequestError(f"prompt: longer than {cfg.max_prompt_chars} characters", "prompt")
-    if not 1 <= req.n <= cfg.max_images_per_request:
-        raise RequestError(f"n: must be between 1 and {cfg.max_images_per_request}, got {req.n}", "n")
-    if req.response_format != "b64_json":
-        what = "url responses are not supported (no image store); use b64_json" if req.response_format == "url" \
-            else f"must be b64_json, got {req.response_format!r}"
-        raise RequestError(f"response_format: {what}", "response_format")
+    if req.model is not None and req.model not in (model.id, model.name, model.uri):
+        raise RequestError(f"model: {req.model!r} is not served here; served: {model.id}", "model", 404,
+                           "not_found_error")
     sizes = model.sizes(cfg.upscale_factors)
     size = req.size or sizes[0]
     if size not in sizes:
@@ -145,11 +172,45 @@ def parse_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> Generatio
         params = model.spec.check_generation(req.steps)
     except ParamError as e:
         raise RequestError.from_param(e) from None
-    if req.model is not None and req.model not in (model.id, model.name, model.uri):
-        raise RequestError(f"model: {req.model!r} is not served here; served: {model.id}", "model", 404,
-                           "not_found_error")
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise RequestError("seed: must be in [0, 2^63)", "seed")
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "big")
-    return GenerationJob(prompt=prompt, n=req.n, params=params, seed=seed,
-                         scale=cfg.upscale_factors[sizes.index(size)], model_id=model.id)
+    return prompt, params, seed, cfg.upscale_factors[sizes.index(size)]
+
+
+def parse_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> GenerationJob:
+    """Validate an image generation request against the served model; returns the job or raises
+    RequestError naming the field."""
+    req = _body(raw, ImageRequest)
+    if model.is_video:
+        raise RequestError(f"model: {model.id} generates videos; use POST /v1/videos", "model")
+    if not 1 <= req.n <= cfg.max_images_per_request:
+        raise RequestError(f"n: must be between 1 and {cfg.max_images_per_request}, got {req.n}", "n")
+    if req.response_format != "b64_json":
+        what = "url responses are not supported (no image store); use b64_json" if req.response_format == "url" \
+            else f"must be b64_json, got {req.response_format!r}"
+        raise RequestError(f"response_format: {what}", "response_format")
+    prompt, params, seed, scale = _common(req, model, cfg)
+    return GenerationJob(prompt=prompt, n=req.n, params=params, seed=seed, scale=scale, model_id=model.id)
+
+
+def parse_video_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> tuple[GenerationJob, VideoRequest]:
+    """Validate a `POST /v1/videos` request against the served model: a video model, and a duration
+    (`seconds` or `num_frames`) equal to the model's, which generates a fixed number of frames."""
+    req = _body(raw, VideoRequest)
+    if not model.is_video:
+        raise RequestError(f"model: {model.id} generates images; use POST /v1/images/generations", "model")
+    frames, fps = model.spec.frames, model.spec.fps or 8.0
+    if req.num_frames is not None and req.num_frames != frames:
+        raise RequestError(f"num_frames: this model generates {frames} frames, got {req.num_frames}", "num_frames")
+    if req.seconds is not None:
+        try:
+            seconds = float(req.seconds)
+        except ValueError:
+            raise RequestError(f"seconds: must be a number, got {req.seconds!r}", "seconds") from None
+        if not abs(seconds * fps - frames) < 0.5:
+            raise RequestError(f"seconds: this model generates {model.seconds} s ({frames} frames at {fps:g} fps), "
+                               f"got {req.seconds}", "seconds")
+    prompt, params, seed, scale = _common(req, model, cfg)
+    return GenerationJob(prompt=prompt, n=1, params=params, seed=seed, scale=scale, model_id=model.id,
+                         video=True), req

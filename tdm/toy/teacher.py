@@ -23,19 +23,19 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
                         beta_end=0.012, prediction_type="epsilon", clip_sample=False)
 
 
-def build_tokenizer():
-    """Word-level tokenizer over the caption vocabulary; prompts become <bos> words <eos> <pad>..."""
+def build_tokenizer(captions=CAPTIONS, max_tokens: int = MAX_TOKENS):
+    """Word-level tokenizer over the captions' vocabulary; prompts become <bos> words <eos> <pad>..."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for c in CAPTIONS for w in c.split()})
+    words = sorted({w for c in captions for w in c.split()})
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=MAX_TOKENS)
+                                   unk_token="<unk>", model_max_length=max_tokens)
 
 
 def build_toy_backbone(seed: int = 0, channels: tuple[int, int] = (24, 48)) -> UNetBackbone:
@@ -73,16 +73,9 @@ def train_toy_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int,
     x_train, y_train = x_all[train_idx], y_all[train_idx]
     ids = backbone.tokenizer(CAPTIONS + [""], padding="max_length", max_length=MAX_TOKENS,
                              return_tensors="pt").input_ids  # row 10 is the empty prompt
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = min(100, train_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 *
-                                              (1 + math.cos(math.pi * min(s, train_steps) / train_steps)))
-    ema = [p.detach().clone() for p in params]
     abar = backbone.schedule.alphas_cumprod
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in progress(range(train_steps), desc="toy teacher", disable=not show_progress):
+
+    def loss(g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
         x0, y = x_train[idx], y_train[idx].clone()
         y[torch.rand(batch_size, generator=g) < cfg_dropout] = 10
@@ -91,9 +84,32 @@ def train_toy_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int,
         a = abar[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
         pred = unet(a * x0 + s * eps, t, encoder_hidden_states=text_encoder(ids[y])[0]).sample
-        loss = F.mse_loss(pred, eps)
+        return F.mse_loss(pred, eps)
+
+    final = fit([unet, text_encoder], loss, train_steps=train_steps, lr=lr, ema_decay=ema_decay, seed=seed,
+                desc="toy teacher", show_progress=show_progress)
+    backbone.save_pretrained(out_dir)
+    return {"train_loss_final": final, "train_examples": len(x_train)}
+
+
+def fit(modules: list[torch.nn.Module], loss, *, train_steps: int, lr: float, ema_decay: float, seed: int,
+        desc: str, show_progress: bool = True) -> float:
+    """Train `modules` on `loss(generator) -> scalar` with AdamW (warm-up, cosine decay, grad clip 1) and
+    leave them frozen at their EMA weights; returns the mean loss of the last 200 steps."""
+    for m in modules:
+        m.train().requires_grad_(True)
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = min(100, train_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 *
+                                              (1 + math.cos(math.pi * min(s, train_steps) / train_steps)))
+    ema = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in progress(range(train_steps), desc=desc, disable=not show_progress):
+        value = loss(g)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -101,12 +117,11 @@ def train_toy_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int,
         with torch.no_grad():
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
+        losses.append(value.item())
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
-    backbone.save_pretrained(out_dir)
+    for m in modules:
+        m.eval().requires_grad_(False)
     tail = losses[-200:]
-    return {"train_loss_final": sum(tail) / len(tail), "train_examples": len(x_train)}
+    return sum(tail) / len(tail)

@@ -1,0 +1,163 @@
+"""What the video adapters share (tdm.backbones.wan, tdm.backbones.cogvideox): the output geometry.
+
+A video model's network has no fixed sample size, so the geometry of what it generates (frames, height,
+width, frame rate) is chosen per run: `VideoShape`. It is resolved once when the backbone is loaded
+(`tdm.backbones.load_backbone`), from, in this order: the run's `video.*` options, the model directory's
+own record (tdm_model.json, or a toy pipeline's model_index.json `tdm_video`), and the family's default
+(its release resolution). The latent shape follows from it and from the VAE's compression; each family
+owns its latent layout. `decode` returns videos (B, F, C, H, W) in [0, 1], whatever the layout.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .base import Model
+from .stock import StockPipelineBackbone
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """Frames per video, frame size in pixels, and frame rate (frames per second)."""
+
+    frames: int
+    height: int
+    width: int
+    fps: float
+
+    def merged(self, overrides: dict | None) -> "VideoShape":
+        """This shape with the non-None entries of `overrides` (frames, height, width, fps) in place."""
+        return replace(self, **{k: v for k, v in (overrides or {}).items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return {"frames": self.frames, "height": self.height, "width": self.width, "fps": self.fps}
+
+
+def recorded_shape(path: str | Path, model_index: dict) -> dict | None:
+    """The geometry a model directory records: its tdm_model.json (frames, image_size, fps), else a toy
+    pipeline's model_index.json `tdm_video`; None when it records none (e.g. a stock hub pipeline)."""
+    spec = Path(path) / "tdm_model.json"
+    if spec.is_file():
+        d = json.loads(spec.read_text())
+        if d.get("frames") and d.get("image_size"):
+            return {"frames": d["frames"], "height": d["image_size"][0], "width": d["image_size"][1],
+                    "fps": d.get("fps")}
+    return model_index.get("tdm_video")
+
+
+class VideoBackbone(StockPipelineBackbone):
+    """A stock diffusers video pipeline: the geometry, the latent shape, and video decoding."""
+
+    #: the family's text length in tokens (its stock pipeline's default max_sequence_length)
+    max_text_tokens: int
+
+    def __init__(self, pipe, shape: VideoShape | None = None):
+        super().__init__(pipe)
+        self.max_sequence_length = min(self.max_text_tokens, int(pipe.tokenizer.model_max_length))
+        self.set_shape(shape or self.default_shape())
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along each side (1 for a pixel-space model)."""
+        return 1 if self.vae is None else int(self.pipe.vae_scale_factor_spatial)
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame after the first (1 for a pixel-space model)."""
+        return 1 if self.vae is None else int(self.pipe.vae_scale_factor_temporal)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        """The network's spatial patch size (latents per token along height and width)."""
+        raise NotImplementedError
+
+    def latent_geometry(self, shape: VideoShape) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width) of `shape`; InputError naming video.* when the
+        VAE or the patch size cannot produce it."""
+        ft, fs = self.temporal_factor, self.spatial_factor
+        if shape.frames < 1 or (shape.frames - 1) % ft:
+            raise InputError(f"video.frames: must be 1 + a multiple of {ft} for this {self.pipeline_class} "
+                             f"(its VAE compresses {ft} frames into one), got {shape.frames}")
+        ph, pw = self.patch_hw
+        for name, size, p in (("height", shape.height, ph), ("width", shape.width, pw)):
+            if size < fs * p or size % (fs * p):
+                raise InputError(f"video.{name}: must be a positive multiple of {fs * p} for this "
+                                 f"{self.pipeline_class} (VAE x{fs}, patch {p}), got {size}")
+        if not shape.fps > 0:
+            raise InputError(f"video.fps: must be > 0, got {shape.fps}")
+        return (shape.frames - 1) // ft + 1, shape.height // fs, shape.width // fs
+
+    def set_shape(self, shape: VideoShape) -> None:
+        """Generate videos of `shape` (frames, height, width, fps)."""
+        self.latent_geometry(shape)
+        self.shape = shape
+        self.frames, self.fps = shape.frames, float(shape.fps)
+        self.latent_shape = self.layout(*self.latent_geometry(shape))
+
+    def layout(self, frames: int, height: int, width: int) -> tuple[int, ...]:
+        """The family's latent layout of one sample."""
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.shape.height, self.shape.width
+
+    def decoder_spec(self):
+        from ..spec import DecoderSpec
+
+        return None if self.vae is None else DecoderSpec(class_name=type(self.vae).__name__)
+
+    def set_decoder(self, vae: Model, source: str | None = None, field: str = "decoder") -> None:  # noqa: ARG002
+        raise InputError(f"{field}: replacement decoders are for image models; a {self.pipeline_class} "
+                         f"decodes with its own video VAE")
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32,
+                        video: dict | None = None):
+        """Load the pipeline; the geometry is `video` (frames/height/width/fps, None entries unset) over
+        what the directory records over the family default."""
+        pipe = cls.load_pipeline(path, model_index, dtype)
+        backbone = cls(pipe, cls.family_shape(pipe).merged(recorded_shape(path, model_index)).merged(video))
+        return backbone.to(device)
+
+    @classmethod
+    def load_pipeline(cls, path: str | Path, model_index: dict, dtype):
+        """The diffusers pipeline object of a directory."""
+        import diffusers
+
+        return getattr(diffusers, model_index["_class_name"]).from_pretrained(str(path), torch_dtype=dtype)
+
+    @classmethod
+    def family_shape(cls, pipe) -> VideoShape:
+        """The release geometry of the family, given its pipeline object."""
+        raise NotImplementedError
+
+    def default_shape(self) -> VideoShape:
+        return self.family_shape(self.pipe)
+
+    @property
+    def stock_call_kwargs(self) -> dict:
+        return {"num_frames": self.shape.frames, "height": self.shape.height, "width": self.shape.width,
+                "max_sequence_length": self.max_sequence_length}
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Videos (B, F, C, H, W) in [0, 1]."""
+        if self.vae is None:  # pixel space (the toy): samples are (B, C, F, H, W) videos in [-1, 1]
+            return ((self.to_bcfhw(latents).float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+        video = self.vae_decode(self.to_bcfhw(latents).to(self.vae.dtype))  # (B, C, F, H, W) in [-1, 1]
+        return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+    def to_bcfhw(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the VAE's (B, C, F, H, W) layout."""
+        raise NotImplementedError
+
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, F, H, W) -> pixels (B, C, F', H', W') in [-1, 1]."""
+        raise NotImplementedError
