@@ -30,15 +30,19 @@ from .losses import (
     sample_trajectory_index,
     tdm_target,
 )
-from .sampler import Trajectory, grid_levels, sample, uniform_grid
+from .sampler import GridRule, Trajectory, default_grid, grid_levels, sample
 from .schedules import NoiseSchedule, ddim_step, mixed_noise, snr, transition
 
 
-def student_grids(student: StudentConfig, schedule: NoiseSchedule) -> dict[int, list[int]]:
-    """The descending timestep grid for every step count the student is trained for."""
+def student_grids(student: StudentConfig, schedule: NoiseSchedule, rule: GridRule = "uniform") -> dict[int, list]:
+    """The descending timestep grid for every step count the student is trained for: explicit ones, else
+    the default grid under `rule` (the backbone's `grid_rule`)."""
     t_start = student.t_start if student.t_start is not None else schedule.max_timestep
     if t_start > schedule.max_timestep:
         raise ValueError(f"student.t_start ({t_start}) exceeds the teacher's last timestep {schedule.max_timestep}")
+    if rule == "flow_match" and student.t_start is not None:
+        raise ValueError("student.t_start: this teacher's stock pipeline walks its scheduler's own grid from the "
+                         "last timestep; give student.timesteps instead (not reproducible in stock diffusers)")
     explicit, grids = student.explicit_grids, {}
     for k in student.steps:
         if k in explicit:
@@ -50,7 +54,7 @@ def student_grids(student: StudentConfig, schedule: NoiseSchedule) -> dict[int, 
             raise ValueError(f"student.num_steps/step_set: K={k} is larger than the schedule allows "
                              f"(t_start={t_start} timesteps)")
         else:
-            grids[k] = uniform_grid(k, t_start)
+            grids[k] = default_grid(k, t_start, rule, schedule.num_train_timesteps, schedule.shift)
     return grids
 
 
@@ -114,7 +118,7 @@ class TDMDistiller:
     def __init__(self, student_cfg: StudentConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
                  schedule: NoiseSchedule, latent_shape: Sequence[int], teacher: nn.Module, student: nn.Module,
                  fake: nn.Module, opt_student, opt_fake, sched_student=None, sched_fake=None, ema: EMA | None = None,
-                 mixed_precision: str = "no", device_type: str = "cpu", grad_sync=None):
+                 mixed_precision: str = "no", device_type: str = "cpu", grad_sync=None, grid_rule: GridRule = "uniform"):
         self.student_cfg, self.loss_cfg, self.optim_cfg = student_cfg, loss_cfg, optim_cfg
         self.schedule, self.latent_shape = schedule, tuple(latent_shape)
         self.teacher, self.student, self.fake = teacher, student, fake
@@ -131,7 +135,7 @@ class TDMDistiller:
         fp16 = mixed_precision == "fp16"
         self.scaler_student = torch.amp.GradScaler(device_type) if fp16 else None
         self.scaler_fake = torch.amp.GradScaler(device_type) if fp16 else None
-        self.grids = student_grids(student_cfg, schedule)
+        self.grids = student_grids(student_cfg, schedule, grid_rule)
         validate_grids(self.grids, loss_cfg)
         self.step_values = student_cfg.steps
         given = student_cfg.step_set or self.step_values

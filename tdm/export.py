@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from .backbones.base import stock_call_parameters
 from .sampler import uniform_grid
+from .schedules import flow_sigma
 from .spec import STEP_EMBEDDING_FILE, DiffusersUsage, ModelSpec
 
 LORA_DIR = "lora"                           # the LoRA student's adapter, diffusers format
@@ -32,7 +34,8 @@ def save_model_dir(pipe, path: str | Path) -> None:
     scheduler = None
     usage = None
     if spec.kind == "student":
-        scheduler = stock_scheduler_config(backbone.scheduler_config, backbone.schedule)
+        scheduler = stock_scheduler_config(backbone.scheduler_config, backbone.schedule, backbone.grid_rule,
+                                           spec.grid(spec.default_steps))
         usage = diffusers_usage(backbone, spec, scheduler)
     backbone.save_pretrained(path, net, scheduler_config=scheduler)
     if denoiser.adapter is not None and backbone.save_lora(path / LORA_DIR, denoiser.net, denoiser.adapter):
@@ -62,22 +65,26 @@ def merged_network(net: torch.nn.Module, adapter: str) -> torch.nn.Module:
     return plain.eval().requires_grad_(False)
 
 
-def stock_scheduler_config(teacher_config: dict, schedule) -> dict:
+def stock_scheduler_config(teacher_config: dict, schedule, rule: str = "uniform", grid: list | None = None) -> dict:
     """A stock diffusers scheduler config that reproduces tdm's deterministic sampler on the teacher's
     noise schedule: first-order DPM-Solver++ is exactly DDIM with eta = 0 (Lu et al. 2022, eq. 9 with
     k = 1), and accepts the student's explicit timesteps; flow-matching Euler is the same step for
-    rectified flow. The last step lands on sigma = 0, i.e. returns the x0 prediction as tdm does."""
+    rectified flow. The last step lands on sigma = 0, i.e. returns the x0 prediction as tdm does.
+
+    With grid rule "flow_match" (a pipeline that takes no sigmas, e.g. Wan) the Euler scheduler's own
+    K-step grid must be the student's `grid` (docs/method.md eq. 2.2): its shift_terminal is set to the
+    grid's last level."""
     import diffusers
 
     first_order = dict(solver_order=1, algorithm_type="dpmsolver++", final_sigmas_type="zero",
                        use_karras_sigmas=False, thresholding=False, timestep_spacing="trailing")
     if schedule.kind == "flow":
-        if teacher_config.get("use_flow_sigmas") or teacher_config.get("prediction_type") == "flow_prediction":
-            # Wan's hub configs (UniPC with flow sigmas): first-order DPM-Solver++ on the same flow sigmas
-            return _with_class(diffusers.DPMSolverMultistepScheduler.from_config(
-                teacher_config, use_flow_sigmas=True, prediction_type="flow_prediction",
-                flow_shift=schedule.shift, **first_order))
-        return _with_class(diffusers.FlowMatchEulerDiscreteScheduler.from_config(teacher_config))
+        # Wan's hub configs are UniPC with flow sigmas (flow_shift); Euler on the same shifted schedule
+        euler = dict(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
+        if rule == "flow_match" and grid is not None and len(grid) > 1:
+            euler["shift_terminal"] = float(flow_sigma(torch.tensor(float(grid[-1])), schedule.num_train_timesteps,
+                                                       schedule.shift))
+        return _with_class(diffusers.FlowMatchEulerDiscreteScheduler(**euler))
     extra = {}
     if teacher_config.get("snr_shift_scale") is not None or teacher_config.get("rescale_betas_zero_snr"):
         # CogVideoX's schedule (docs/method.md eqs. 1.7-1.8) in a form DPM-Solver reads: its betas
@@ -99,26 +106,30 @@ def diffusers_usage(backbone, spec: ModelSpec, scheduler: dict) -> DiffusersUsag
     steps = spec.default_steps
     grid = spec.grids.get(steps) or uniform_grid(steps, spec.max_timestep)
     call: dict = {"num_inference_steps": steps, "guidance_scale": 1.0, **backbone.stock_call_kwargs}
-    accepts = _call_parameters(backbone.pipeline_class)  # None: a tdm-only class (the toys)
+    accepts = stock_call_parameters(backbone.pipeline_class)  # None: a tdm-only class (the toys)
     note = None
     if backbone.schedule.kind == "flow" and (accepts is None or "sigmas" in accepts):
         # the scheduler shifts the sigmas it is given, as tdm's schedule does
         call["sigmas"] = [t / backbone.schedule.num_train_timesteps for t in grid]
     elif backbone.schedule.kind != "flow" and (accepts is None or "timesteps" in accepts):
         call["timesteps"] = list(grid)
-    else:
-        note = (f"{backbone.pipeline_class}.__call__ takes no timesteps or sigmas: the scheduler's own "
-                f"{steps}-step grid approximates the student's {list(grid)} (see README, Video)")
+    elif not _walks(scheduler, steps, grid, backbone.schedule):
+        note = (f"{backbone.pipeline_class}.__call__ takes no timesteps or sigmas and the scheduler's own "
+                f"{steps}-step grid is not the student's {list(grid)} (an explicit student.timesteps): stock "
+                f"diffusers samples it only approximately (README, Video)")
     return DiffusersUsage(pipeline=backbone.pipeline_class, scheduler=scheduler["_class_name"], call=call,
                           step_conditioned=spec.step_conditioned, note=note)
 
 
-def _call_parameters(pipeline_class: str) -> set[str] | None:
-    """The keyword arguments of a diffusers pipeline class's __call__; None for a tdm-only class (the toys)."""
-    import inspect
-
+def _walks(scheduler_config: dict, steps: int, grid: list, schedule) -> bool:
+    """Whether the stock scheduler's own `steps`-step sigmas are the grid's (to 1e-6)."""
     import diffusers
 
-    cls = getattr(diffusers, pipeline_class, None)
-    return set(inspect.signature(cls.__call__).parameters) if cls is not None else None
-
+    if schedule.kind != "flow":
+        return False
+    sched = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    sched.set_timesteps(steps)
+    ours = flow_sigma(torch.tensor([float(t) for t in grid], dtype=torch.float64), schedule.num_train_timesteps,
+                      schedule.shift)
+    theirs = sched.sigmas[:len(grid)].double()
+    return len(sched.sigmas) == len(grid) + 1 and bool((ours - theirs).abs().max() < 1e-6)

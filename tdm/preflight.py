@@ -50,15 +50,39 @@ def teacher_scheduler_config(teacher: TeacherRef | None, tracking_uri: str | Non
                           f"({first_line(e)})") from None
 
 
-def check_grids(cfg: TDMConfig, scheduler_config: dict) -> None:
-    """The student grids must fit the teacher's schedule and the loss margins, and every evaluated
-    sampler must fit the schedule."""
+def teacher_pipeline_class(teacher: TeacherRef | None, tracking_uri: str | None = None) -> str | None:
+    """The `_class_name` of the teacher's model_index.json (None: the embedded toy), read like its scheduler."""
+    if teacher is None:
+        return None
+    from diffusers import DiffusionPipeline
+
+    from .teacher import teacher_dir
+
+    try:
+        if teacher.kind == "hub":
+            from huggingface_hub import constants
+
+            index = DiffusionPipeline.load_config(teacher.location, revision=teacher.revision,
+                                                  cache_dir=constants.HF_HUB_CACHE,
+                                                  local_files_only=constants.HF_HUB_OFFLINE)
+        else:
+            index = DiffusionPipeline.load_config(str(teacher_dir(teacher, tracking_uri)))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher.uri: {teacher.location} has no readable model_index.json ({first_line(e)})") from None
+    return index.get("_class_name")
+
+
+def check_grids(cfg: TDMConfig, scheduler_config: dict, pipeline_class: str | None = None) -> None:
+    """The student grids (laid out by the teacher pipeline's grid rule) must fit the teacher's schedule and
+    the loss margins, and every evaluated sampler must fit the schedule."""
+    from .backbones.base import grid_rule
     from .distiller import student_grids, validate_grids
     from .schedules import NoiseSchedule
 
     try:
         schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
-        validate_grids(student_grids(cfg.student, schedule), cfg.loss)
+        rule = grid_rule(pipeline_class, schedule.kind) if pipeline_class else "uniform"
+        validate_grids(student_grids(cfg.student, schedule, rule), cfg.loss)  # type: ignore[arg-type]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     top = schedule.max_timestep

@@ -123,7 +123,7 @@ class GenerationParams:
 
     steps: int
     guidance_scale: float
-    timesteps: tuple[int, ...]      # the descending grid the sampler walks
+    timesteps: tuple[int | float, ...]  # the descending grid the sampler walks (floats: a flow_match grid)
     cfg: bool                       # teacher sampling with classifier-free guidance (two branches per call)
 
 
@@ -135,7 +135,7 @@ class ModelSpec(_Frozen):
     family: str = Field(description="Backbone adapter family (tdm.backbones): unet, sdxl, pixart, sd3, ...")
     schedule: ScheduleSpec
     default_steps: int = Field(ge=1, description="Steps when a request gives none (a student's K).")
-    grids: dict[int, list[int]] = Field(default_factory=dict, description="Students: the descending timestep "
+    grids: dict[int, list[int | float]] = Field(default_factory=dict, description="Students: the descending timestep "
                                         "grid of every step count they were trained for. Other step counts "
                                         "(not for TDM-unify) sample the uniform grid. Teachers: none.")
     step_conditioned: bool = Field(False, description="TDM-unify: the network is conditioned on the step count "
@@ -194,7 +194,7 @@ class ModelSpec(_Frozen):
         every other model, which accepts any of 1..max_timestep."""
         return sorted(self.grids) if self.step_conditioned else None
 
-    def grid(self, steps: int) -> list[int]:
+    def grid(self, steps: int) -> list[int | float]:
         """The descending timesteps of a `steps`-step sampler: the trained grid when there is one, else
         the uniform grid from the schedule's last timestep."""
         if steps in self.grids:
@@ -331,7 +331,7 @@ def _migrate_v0(d: dict, where: str) -> dict:
 
 
 def model_spec(backbone, kind: str, default_steps: int, guidance_scale: float,
-               grids: dict[int, list[int]] | None = None, step_conditioned: bool = False, negative_prompt: str = "",
+               grids: dict[int, list] | None = None, step_conditioned: bool = False, negative_prompt: str = "",
                teacher: TeacherRef | None = None) -> ModelSpec:
     """A ModelSpec for `backbone` (a tdm.backbones.Backbone): its family, schedule, output size and decoder."""
     return ModelSpec(kind=kind, family=backbone.family, schedule=ScheduleSpec.of(backbone.schedule),
@@ -346,7 +346,7 @@ def teacher_spec(backbone, num_steps: int = 50, guidance_scale: float = 1.0, neg
     return model_spec(backbone, "teacher", num_steps, guidance_scale, negative_prompt=negative_prompt)
 
 
-def student_spec(cfg: TDMConfig, grids: dict[int, list[int]], backbone, teacher: TeacherRef) -> ModelSpec:
+def student_spec(cfg: TDMConfig, grids: dict[int, list], backbone, teacher: TeacherRef) -> ModelSpec:
     """The spec of a student of `backbone` distilled with `cfg` on `grids` from `teacher`."""
     return model_spec(backbone, "student", cfg.student.num_steps, cfg.loss.guidance_scale, grids=grids,
                       step_conditioned=cfg.student.unify, negative_prompt=cfg.teacher.negative_prompt,

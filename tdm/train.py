@@ -236,7 +236,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         grad_sync = allreduce_mean
     distiller = TDMDistiller(cfg.student, cfg.loss, cfg.optim, backbone.schedule, backbone.latent_shape, teacher,
                              student, fake, state.opt_student, state.opt_fake, state.sched_student,
-                             state.sched_fake, state.ema, cfg.train.mixed_precision, device.type, grad_sync)
+                             state.sched_fake, state.ema, cfg.train.mixed_precision, device.type, grad_sync,
+                             grid_rule=backbone.grid_rule)
     spec = student_spec(cfg, distiller.grids, backbone, ws.teacher)
     logger = RankZeroLogger(ws.tracking_uri, ws.run_id, cfg, backbone, state.student, spec,
                             prompts) if rank == 0 else None

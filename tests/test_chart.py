@@ -65,6 +65,9 @@ SCENARIOS = {
                   "upscaleFactors": [1, 4], "upgradeStrategy": "None"},
     },
 }
+#: the example values files shipped beside the chart, checked like the scenarios above
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+SCENARIOS |= {f"example:{f.stem}": yaml.safe_load(f.read_text()) for f in EXAMPLES}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -237,6 +240,9 @@ def test_distill_entrypoint_maps_the_values(chart, scenario):
         (d["registry"]["experiment"], d["registry"]["modelName"], d["registry"]["alias"])
     for key, value in d["extraArgs"].items():
         assert cfg.to_flat_dict()[key] == value
+    for key, value in d["video"].items():
+        assert getattr(cfg.video, key) == value
+    assert ("--preset" in argv) == bool(d["preset"])
     # the repository is the job's working directory, so `pipelines/distill.py` resolves
     assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"]) == {"working_dir": d["workingDir"] or v["image"]["appDir"]}
 
@@ -264,7 +270,7 @@ def test_distill_job_lifecycle_and_cluster(chart, scenario):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["tolerations"]
-        assert worker["nodeSelector"] == d["workers"]["gpuNodeSelector"]
+        assert worker.get("nodeSelector", {}) == d["workers"]["gpuNodeSelector"]
     else:
         assert container["image"] == "tdm:0.1.0"
         assert not any("gpu" in k for k in container["resources"]["limits"])
@@ -282,7 +288,10 @@ def test_distill_job_lifecycle_and_cluster(chart, scenario):
                 {"name": secret["name"], "key": secret["accessKeyIdKey"]}
             assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == \
                 {"name": secret["name"], "key": secret["secretAccessKeyKey"]}
-            assert env["AWS_ENDPOINT_URL"]["value"] == v["s3"]["endpointUrl"]
+            if v["s3"]["endpointUrl"]:
+                assert env["AWS_ENDPOINT_URL"]["value"] == v["s3"]["endpointUrl"]
+            else:                           # AWS S3 itself
+                assert "AWS_ENDPOINT_URL" not in env
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         assert mounts["dshm"] == "/dev/shm"
         assert ("runs" in mounts) == (d["storage"]["type"] == "pvc")
@@ -304,6 +313,11 @@ def _expected_serve_config(v: dict) -> dict:
         args["num_replicas"] = s["numReplicas"]
     if s["decoder"]:
         args["decoder"] = s["decoder"]
+    vs = s["videoStore"]
+    if vs["uri"]:
+        args["video_store"] = vs["uri"]
+    args |= {"video_store_max_jobs": vs["maxJobs"], "video_store_ttl_s": vs["ttlS"],
+             "video_job_timeout_s": vs["jobTimeoutS"]}
     expected = serve_config(args, name=s["appName"], route_prefix=s["routePrefix"], working_dir=s["workingDir"] or None)
     if s["autoscaling"]["enabled"]:
         a = s["autoscaling"]
@@ -533,3 +547,9 @@ def test_s3_endpoint_can_come_from_the_secret(chart):
     assert env_of(mlflow)["MLFLOW_S3_ENDPOINT_URL"]["valueFrom"] == ref
     assert env_of(mlflow)["AWS_ENDPOINT_URL"]["valueFrom"] == ref
     assert "ignored" not in "".join(chart.render(values, name=RELEASE, namespace=NAMESPACE).values())
+
+
+def test_the_example_values_files_are_checked():
+    assert {f.stem for f in EXAMPLES} >= {"video-wan", "video-toy"}
+    wan = values_of("example:video-wan")
+    assert wan["distill"]["preset"] == "wan2.1-t2v-1.3b-tdm" and wan["serve"]["videoStore"]["uri"].startswith("s3://")

@@ -82,14 +82,14 @@ def test_video_job_lifecycle_and_mp4_content(video_server):
     assert r.status_code == 200, r.text
     job = r.json()
     assert job["object"] == "video" and job["status"] in ("queued", "in_progress") and job["id"].startswith("video_")
-    assert job["model"].startswith(f"{VMODEL}/") and job["size"] == "12x12" and job["num_frames"] == 5
+    assert job["model"].startswith(f"{VMODEL}/") and job["size"] == "16x16" and job["num_frames"] == 5
     assert job["created_at"] <= time.time() and job["expires_at"] > job["created_at"]
     done = wait_done(base, job["id"])
     assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"] >= job["created_at"]
     content = requests.get(f"{base}/v1/videos/{job['id']}/content", timeout=30)
     assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
     frames, fps = mp4_frames(content.content)
-    assert frames.shape == (5, 12, 12, 3) and fps == pytest.approx(4.0)
+    assert frames.shape == (5, 16, 16, 3) and fps == pytest.approx(4.0)
     # the job and its MP4 live in the S3-compatible store, where any replica reads them
     import boto3
 
@@ -97,10 +97,10 @@ def test_video_job_lifecycle_and_mp4_content(video_server):
     assert {f"video-jobs/{job['id']}.json", f"video-jobs/{job['id']}.mp4"} <= keys
     # num_frames instead of seconds, a larger size, and the same seed: the same video, upscaled
     again = requests.post(f"{base}/v1/videos", json={"prompt": "a handwritten digit 3 moving left", "num_frames": 5,
-                                                      "seed": 5, "size": "24x24"}, timeout=30).json()
+                                                      "seed": 5, "size": "32x32"}, timeout=30).json()
     assert wait_done(base, again["id"])["status"] == "completed"
     big, _ = mp4_frames(requests.get(f"{base}/v1/videos/{again['id']}/content", timeout=30).content)
-    assert big.shape == (5, 24, 24, 3)
+    assert big.shape == (5, 32, 32, 3)
 
 
 def test_concurrent_video_jobs_are_batched_and_seeded(video_server):

@@ -191,16 +191,20 @@ def test_moving_digits_data():
 
     assert len(VIDEO_CAPTIONS) == 40 and VIDEO_CAPTIONS[13] == "a handwritten digit 3 moving right"
     assert caption_target("a handwritten digit 3 moving right") == (3, 1) and caption_target("a cat") is None
-    assert offsets(DIRECTIONS.index("left")) == [(2, 4), (2, 3), (2, 2), (2, 1), (2, 0)]
-    assert offsets(DIRECTIONS.index("down")) == [(0, 2), (1, 2), (2, 2), (3, 2), (4, 2)]
+    # one pixel per frame; 'along' is where the travel starts, 'across' the other coordinate
+    assert offsets(DIRECTIONS.index("left"), 0, 3) == [(3, 4), (3, 3), (3, 2), (3, 1), (3, 0)]
+    assert offsets(DIRECTIONS.index("down"), 4, 8) == [(4, 8), (5, 8), (6, 8), (7, 8), (8, 8)]
     videos, digits, dirs = moving_digits(torch.tensor([0, 1]))
-    assert videos.shape == (8, 1, 5, 12, 12) and digits.tolist() == [0, 1] * 4
+    assert videos.shape == (8, 1, 5, 16, 16) and digits.tolist() == [0, 1] * 4
     assert dirs.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    v = videos[0, 0]                                  # digit 0 moving left: the ink's centre moves left by 1/frame
-    cols = torch.arange(12.0)
-    centre = [((f + 1) * cols).sum() / (f + 1).sum() for f in v]
-    assert all(abs((a - b).item() - 1) < 1e-4 for a, b in zip(centre, centre[1:]))
-    assert (v[:, :2] == -1).all()                    # rows 0-1 stay background (top offset 2)
+    assert torch.equal(videos, moving_digits(torch.tensor([0, 1]))[0])     # the places are seeded
+    cols = torch.arange(16.0)
+    for v, d in zip(videos[:, 0], dirs.tolist()):     # the ink's centre moves one pixel per frame its way
+        ink = v + 1
+        axis = 1 if DIRECTIONS[d] in ("left", "right") else 0
+        centre = [(ink[f].sum(axis) * cols).sum() / ink[f].sum() for f in range(5)]
+        step = -1 if DIRECTIONS[d] in ("left", "up") else 1
+        assert all(abs((b - a).item() - step) < 1e-4 for a, b in zip(centre, centre[1:]))
 
 
 def test_toy_video_teacher_saves_and_loads_as_a_wan_pipeline(tmp_path):
@@ -212,14 +216,14 @@ def test_toy_video_teacher_saves_and_loads_as_a_wan_pipeline(tmp_path):
     index = json.loads((tmp_path / "toy" / "model_index.json").read_text())
     assert index["_class_name"] == TOY_VIDEO_PIPELINE_CLASS and index["tdm_video"]["frames"] == 5
     again = load_backbone(tmp_path / "toy")
-    assert isinstance(again, WanBackbone) and again.vae is None and again.latent_shape == (1, 5, 12, 12)
+    assert isinstance(again, WanBackbone) and again.vae is None and again.latent_shape == (1, 5, 16, 16)
     assert again.pipeline_class == TOY_VIDEO_PIPELINE_CLASS
     cond = again.encode_prompts(["a handwritten digit 3 moving left"])
-    x = torch.randn(1, 1, 5, 12, 12)
+    x = torch.randn(1, 1, 5, 16, 16)
     assert torch.allclose(again.call_network(again.network, x, torch.tensor([300]), cond),
                           b.call_network(b.network, x, torch.tensor([300]), b.encode_prompts(
                               ["a handwritten digit 3 moving left"])), atol=1e-6)
-    assert again.decode(x).shape == (1, 5, 1, 12, 12)
+    assert again.decode(x).shape == (1, 5, 1, 16, 16)
 
 
 def test_temporal_consistency_and_frame_consistency_by_hand():
@@ -250,3 +254,33 @@ def test_mp4_round_trip_keeps_frames_and_size(shape):
     import io
     gif = Image.open(io.BytesIO(to_gif_bytes(video, 8.0)))
     assert gif.n_frames == shape[0]
+
+
+def test_flow_match_grid_is_what_the_stock_euler_scheduler_walks():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tdm.sampler import flow_match_grid
+    from tdm.schedules import flow_sigma
+
+    assert flow_match_grid(1, 1000, 3.0) == [1000.0]
+    assert flow_match_grid(2, 1000, 3.0) == pytest.approx([1000.0, 500.0])   # both ends of the uniform grid
+    g = flow_match_grid(4, 1000, 3.0)
+    assert g[0] == 1000.0 and g[-1] == pytest.approx(250.0) and g == sorted(g, reverse=True)
+    # shift 1: levels linear in t from T to 1, stretched linearly to end at T/K: exactly the uniform grid
+    assert flow_match_grid(3, 1000, 1.0) == pytest.approx([1000.0, 2000 / 3, 1000 / 3])
+    for K in (2, 3, 4, 8):
+        grid = flow_match_grid(K, 1000, 3.0)
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=float(flow_sigma(torch.tensor(grid[-1]),
+                                                                                              1000, 3.0)))
+        sched.set_timesteps(K)
+        ours = flow_sigma(torch.tensor(grid, dtype=torch.float64), 1000, 3.0)
+        assert torch.allclose(sched.sigmas[:-1].double(), ours.double(), atol=1e-6) and sched.sigmas[-1] == 0
+
+
+def test_wan_students_get_the_flow_match_grid_and_the_toy_the_uniform_one(tiny_video_dirs, tmp_path):
+    from tdm.backbones import load_backbone
+    from tdm.toy.video_teacher import build_toy_video_backbone
+
+    assert load_backbone(tiny_video_dirs["wan"], video=WAN_SHAPE).grid_rule == "flow_match"
+    assert load_backbone(tiny_video_dirs["cogvideox"]).grid_rule == "uniform"       # takes timesteps
+    assert build_toy_video_backbone().grid_rule == "uniform"                          # tdm's own pipeline

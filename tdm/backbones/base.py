@@ -177,6 +177,24 @@ def predict_x0_eps(denoiser: nn.Module, schedule: NoiseSchedule, x: torch.Tensor
     return to_x0_eps(out.float(), x.float(), a, s, schedule.prediction_type)
 
 
+def stock_call_parameters(pipeline_class: str) -> set[str] | None:
+    """The keyword arguments of a diffusers pipeline class's __call__; None for a tdm-only class (the toys)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    return set(inspect.signature(cls.__call__).parameters) if cls is not None else None
+
+
+def grid_rule(pipeline_class: str, schedule_kind: str) -> str:
+    """tdm.sampler.GridRule of a pipeline class on a schedule kind (see Backbone.grid_rule)."""
+    accepts = stock_call_parameters(pipeline_class)
+    if schedule_kind == "flow" and accepts is not None and not {"sigmas", "timesteps"} & accepts:
+        return "flow_match"
+    return "uniform"
+
+
 B = TypeVar("B", bound="Backbone")
 
 
@@ -251,6 +269,14 @@ class Backbone(ABC):
     #: diffusers pipeline class written to model_index.json; its LoRA loader's component prefix
     pipeline_class: str
     lora_prefix: str = "unet"
+
+    @property
+    def grid_rule(self) -> str:
+        """How the student's default grids are laid out (tdm.sampler.GridRule): "flow_match" when the
+        stock pipeline's __call__ takes neither timesteps nor sigmas (Wan), so only its scheduler's own
+        grid can be reproduced by stock diffusers; else "uniform"."""
+        return grid_rule(self.pipeline_class, self.schedule.kind)
+
     @property
     def stock_call_kwargs(self) -> dict:
         """Extra keyword arguments the stock pipeline's __call__ needs to compute what the adapter computes."""

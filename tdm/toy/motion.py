@@ -1,8 +1,12 @@
 """The embedded toy video data: scikit-learn's `load_digits` (shipped inside the package, nothing is
-downloaded), each 8x8 digit sliding one pixel per frame in one of four directions across a 12x12
-canvas over 5 frames. Captions are "a handwritten digit <d> moving <direction>" (40 of them).
+downloaded), each 8x8 digit sliding one pixel per frame in one of four directions across a 16x16 canvas
+over 5 frames, from a random place. Captions are "a handwritten digit <d> moving <direction>" (40).
 
-Videos are (C, F, H, W) = (1, 5, 12, 12) in [-1, 1] (background -1), the Wan layout of the toy video
+Where a digit starts is random and carries no meaning: only the digit and its direction do. A video
+transformer with relative (rotary) positions, like Wan's, cannot tell absolute positions apart, so a
+caption must not depend on them.
+
+Videos are (C, F, H, W) = (1, 5, 16, 16) in [-1, 1] (background -1), the Wan layout of the toy video
 teacher (tdm.toy.video_teacher).
 """
 from __future__ import annotations
@@ -12,8 +16,10 @@ import torch
 from .data import load_digits_tensors
 
 DIRECTIONS = ("left", "right", "up", "down")
-FRAMES, CANVAS, DIGIT = 5, 12, 8
+FRAMES, CANVAS, DIGIT = 5, 16, 8
 FPS = 4.0
+TRAVEL = FRAMES - 1                 # pixels travelled along the direction
+SLACK = CANVAS - DIGIT              # free pixels across the canvas
 #: caption i asks for digit i // 4 moving DIRECTIONS[i % 4]
 VIDEO_CAPTIONS = [f"a handwritten digit {d} moving {m}" for d in range(10) for m in DIRECTIONS]
 
@@ -27,38 +33,59 @@ def caption_target(prompt: str) -> tuple[int, int] | None:
     return i // len(DIRECTIONS), i % len(DIRECTIONS)
 
 
-def offsets(direction: int) -> list[tuple[int, int]]:
-    """(top, left) of the digit in each frame: a full traverse of the free 4 pixels, centred across it."""
-    span = CANVAS - DIGIT                      # 4 free pixels: positions 0..4, one per frame
-    mid = span // 2
-    path = list(range(FRAMES))                 # 0, 1, 2, 3, 4
+def offsets(direction: int, along: int, across: int) -> list[tuple[int, int]]:
+    """(top, left) of the digit in each frame: one pixel per frame in `direction`, starting `along` pixels
+    into its range of travel (0..SLACK-TRAVEL) and `across` pixels across it (0..SLACK)."""
     name = DIRECTIONS[direction]
-    if name == "left":
-        return [(mid, span - p) for p in path]
-    if name == "right":
-        return [(mid, p) for p in path]
-    if name == "up":
-        return [(span - p, mid) for p in path]
-    return [(p, mid) for p in path]
+    path = [along + f for f in range(FRAMES)]
+    if name in ("left", "up"):
+        path = [along + TRAVEL - f for f in range(FRAMES)]
+    if name in ("left", "right"):
+        return [(across, p) for p in path]
+    return [(p, across) for p in path]
 
 
-def render(digits: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Videos (N, 1, F, 12, 12) in [-1, 1] of digits (N, 1, 8, 8) in [-1, 1] moving in `directions` (N,)."""
+def random_placements(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2) random (along, across) starting places."""
+    along = torch.randint(0, SLACK - TRAVEL + 1, (n,), generator=generator)
+    across = torch.randint(0, SLACK + 1, (n,), generator=generator)
+    return torch.stack([along, across], 1)
+
+
+def render(digits: torch.Tensor, directions: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """Videos (N, 1, F, 16, 16) in [-1, 1] of digits (N, 1, 8, 8) in [-1, 1] moving in `directions` (N,)
+    from `places` (N, 2)."""
     out = torch.full((len(digits), 1, FRAMES, CANVAS, CANVAS), -1.0)
-    for i, (img, d) in enumerate(zip(digits, directions.tolist())):
-        for f, (top, left) in enumerate(offsets(d)):
+    for i, (img, d, (a, c)) in enumerate(zip(digits, directions.tolist(), places.tolist())):
+        for f, (top, left) in enumerate(offsets(d, a, c)):
             out[i, :, f, top:top + DIGIT, left:left + DIGIT] = img
     return out
 
 
-def moving_digits(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every digit of `indices` (into load_digits) in all four directions: videos (4N, 1, F, 12, 12),
-    digit labels (4N,) and direction labels (4N,)."""
-    x, y = load_digits_tensors()
-    x, y = x[indices], y[indices]
-    n = len(indices)
-    dirs = torch.arange(len(DIRECTIONS)).repeat_interleave(n)
-    return render(x.repeat(len(DIRECTIONS), 1, 1, 1), dirs), y.repeat(len(DIRECTIONS)), dirs
+class MovingDigits:
+    """Digits of `indices` (into load_digits) in all four directions; `sample` draws random places."""
+
+    def __init__(self, indices: torch.Tensor):
+        x, y = load_digits_tensors()
+        n = len(indices)
+        self.images = x[indices].repeat(len(DIRECTIONS), 1, 1, 1)
+        self.digits = y[indices].repeat(len(DIRECTIONS))
+        self.directions = torch.arange(len(DIRECTIONS)).repeat_interleave(n)
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def videos(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Videos of `rows`, each from a random place."""
+        return render(self.images[rows], self.directions[rows], random_placements(len(rows), generator))
+
+
+def moving_digits(indices: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every digit of `indices` in all four directions, each from a place drawn with `seed`: videos
+    (4N, 1, F, 16, 16), digit labels (4N,) and direction labels (4N,)."""
+    data = MovingDigits(indices)
+    rows = torch.arange(len(data))
+    return data.videos(rows, torch.Generator().manual_seed(seed)), data.digits, data.directions
 
 
 def caption_index(digits: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

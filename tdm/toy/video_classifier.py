@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import load_digits_tensors, split_indices
-from .motion import CANVAS, DIRECTIONS, FRAMES, moving_digits
+from .motion import DIRECTIONS, FRAMES, MovingDigits, moving_digits
 
 
 class MotionClassifier(nn.Module):
-    """Videos (B, 1, F, 12, 12) in [-1, 1] -> digit (10) and direction (4) logits; `features` gives the
+    """Videos (B, 1, F, 16, 16) in [-1, 1] -> digit (10) and direction (4) logits; `features` gives the
     (B, 128) post-ReLU video features; `frame_digits` per-frame digit logits (B, F, 10)."""
 
     def __init__(self):
@@ -22,9 +22,10 @@ class MotionClassifier(nn.Module):
         self.frame = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
                                    nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.frame_head = nn.Linear(64, 10)
-        # per video: the frames' spatial layouts in order, which carry the motion
-        self.video = nn.Sequential(nn.Conv3d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                                   nn.Linear(16 * FRAMES * CANVAS * CANVAS, 64), nn.ReLU())
+        # per video: local space-time features (which see the motion), pooled over the canvas frame by frame
+        self.video = nn.Sequential(nn.Conv3d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 32, 3, padding=1),
+                                   nn.ReLU(), nn.AdaptiveMaxPool3d((FRAMES, 1, 1)), nn.Flatten(),
+                                   nn.Linear(32 * FRAMES, 64), nn.ReLU())
         self.embed = nn.Sequential(nn.Linear(64 + 64, 128), nn.ReLU())
         self.digit_head = nn.Linear(128, 10)
         self.direction_head = nn.Linear(128, len(DIRECTIONS))
@@ -45,27 +46,21 @@ class MotionClassifier(nn.Module):
         return self.digit_head(h), self.direction_head(h)
 
 
-def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Shift each whole video by up to one pixel (pad with background, random crop): motion is kept."""
-    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
-    dx, dy = torch.randint(0, 3, (2, x.shape[0]), generator=g)
-    return torch.stack([padded[i, :, :, dy[i]:dy[i] + CANVAS, dx[i]:dx[i] + CANVAS] for i in range(x.shape[0])])
-
-
-def train_motion_classifier(holdout_fraction: float, seed: int, epochs: int = 12) -> tuple[MotionClassifier, dict]:
+def train_motion_classifier(holdout_fraction: float, seed: int, epochs: int = 8) -> tuple[MotionClassifier, dict]:
     """Train on the held-out digits' videos; report accuracies on the teacher's split (digits it never saw)."""
     _, labels = load_digits_tensors()
     teacher_idx, hold_idx = split_indices(labels, holdout_fraction, seed)
-    x, digit, direction = moving_digits(hold_idx)
+    data = MovingDigits(hold_idx)
+    digit, direction = data.digits, data.directions
     g = torch.Generator().manual_seed(seed + 2)
     torch.manual_seed(seed + 2)
     model = MotionClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
+        perm = torch.randperm(len(data), generator=g)
+        for i in range(0, len(data), 64):
             b = perm[i:i + 64]
-            xb = _jitter(x[b], g)
+            xb = data.videos(b, g)                  # a fresh random place every epoch
             d_logits, m_logits = model(xb)
             frame_logits = model.frame_digits(xb)
             loss = F.cross_entropy(d_logits, digit[b]) + F.cross_entropy(m_logits, direction[b]) + \
@@ -81,4 +76,4 @@ def train_motion_classifier(holdout_fraction: float, seed: int, epochs: int = 12
     return model, {"classifier_accuracy": 100.0 * (d_logits.argmax(1) == dt).float().mean().item(),
                    "classifier_direction_accuracy": 100.0 * (m_logits.argmax(1) == mt).float().mean().item(),
                    "classifier_frame_accuracy": 100.0 * (frame == dt[:, None]).float().mean().item(),
-                   "classifier_train_examples": len(x)}
+                   "classifier_train_examples": len(data)}

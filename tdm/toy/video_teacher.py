@@ -14,7 +14,7 @@ from ..backbones import WanBackbone
 from ..backbones.video import VideoShape
 from ..schedules import flow_sigma
 from .data import load_digits_tensors, split_indices
-from .motion import CANVAS, DIRECTIONS, FPS, FRAMES, VIDEO_CAPTIONS, caption_index, moving_digits
+from .motion import CANVAS, DIRECTIONS, FPS, FRAMES, VIDEO_CAPTIONS, MovingDigits, caption_index
 from .teacher import build_tokenizer, fit
 
 MAX_TOKENS = 10          # <bos> a handwritten digit 3 moving left <eos>, padded
@@ -23,7 +23,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 SHAPE = VideoShape(frames=FRAMES, height=CANVAS, width=CANVAS, fps=FPS)
 
 
-def build_toy_video_backbone(seed: int = 0, heads: int = 2, layers: int = 2) -> WanBackbone:
+def build_toy_video_backbone(seed: int = 0, heads: int = 2, layers: int = 2, patch: int = 2) -> WanBackbone:
     """A randomly initialised toy video pipeline: Wan transformer (patch 1x2x2, `heads` x 16 wide,
     `layers` blocks) on 1-channel pixels, UMT5 text encoder (width 32)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -38,7 +38,7 @@ def build_toy_video_backbone(seed: int = 0, heads: int = 2, layers: int = 2) -> 
         relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id))
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16, in_channels=1, out_channels=1,
+        patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=16, in_channels=1, out_channels=1,
         text_dim=32, freq_dim=64, ffn_dim=64 * heads, num_layers=layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=None,
@@ -48,19 +48,19 @@ def build_toy_video_backbone(seed: int = 0, heads: int = 2, layers: int = 2) -> 
 
 def train_toy_video_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int, lr: float,
                             cfg_dropout: float, ema_decay: float, holdout_fraction: float, seed: int,
-                            heads: int = 2, layers: int = 2, show_progress: bool = True) -> dict:
+                            heads: int = 2, layers: int = 2, patch: int = 2, show_progress: bool = True) -> dict:
     """Train the toy video teacher on the non-held-out digits (all four directions) and save it (EMA
     weights) in diffusers layout.
 
     Rectified-flow loss (docs/method.md eq. 1.3): x_t = (1 - sigma) x0 + sigma eps with sigma the shifted
     level of u ~ U(0, 1), velocity target eps - x0, network timestep 1000 sigma. Each caption is replaced
     by the empty prompt with probability cfg_dropout. Returns training metrics."""
-    backbone = build_toy_video_backbone(seed, heads, layers)
+    backbone = build_toy_video_backbone(seed, heads, layers, patch)
     net, text_encoder = backbone.network, backbone.pipe.text_encoder
     _, labels = load_digits_tensors()
     train_idx, _ = split_indices(labels, holdout_fraction, seed)
-    videos, digits, dirs = moving_digits(train_idx)
-    captions = caption_index(digits, dirs)
+    data = MovingDigits(train_idx)
+    captions = caption_index(data.digits, data.directions)
     tok = backbone.pipe.tokenizer(VIDEO_CAPTIONS + [""], padding="max_length", max_length=MAX_TOKENS,
                                   return_tensors="pt", return_attention_mask=True)
     empty = len(VIDEO_CAPTIONS)
@@ -73,8 +73,8 @@ def train_toy_video_teacher(out_dir: str | Path, *, train_steps: int, batch_size
         return states * mask[..., None]
 
     def loss(g: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(videos), (batch_size,), generator=g)
-        x0, rows = videos[idx], captions[idx].clone()
+        idx = torch.randint(0, len(data), (batch_size,), generator=g)
+        x0, rows = data.videos(idx, g), captions[idx].clone()
         rows[torch.rand(batch_size, generator=g) < cfg_dropout] = empty
         sigma = flow_sigma(torch.rand(batch_size, generator=g) * T, T, shift)
         eps = torch.randn(x0.shape, generator=g)
@@ -85,4 +85,4 @@ def train_toy_video_teacher(out_dir: str | Path, *, train_steps: int, batch_size
     final = fit([net, text_encoder], loss, train_steps=train_steps, lr=lr, ema_decay=ema_decay, seed=seed,
                 desc="toy video teacher", show_progress=show_progress)
     backbone.save_pretrained(out_dir)
-    return {"train_loss_final": final, "train_examples": len(videos), "directions": len(DIRECTIONS)}
+    return {"train_loss_final": final, "train_examples": len(data), "directions": len(DIRECTIONS)}

@@ -207,7 +207,15 @@ seccompProfile:
 {{- $d := .Values.distill -}}
 {{- $f := list -}}
 {{- $f = append $f (list "name" (include "tdm.distill.runName" .)) -}}
+{{- if $d.preset -}}
+{{- $f = append $f (list "preset" $d.preset) -}}
+{{- end -}}
 {{- $f = append $f (list "teacher.uri" $d.teacher.uri) -}}
+{{- range $k := list "frames" "height" "width" "fps" -}}
+{{- if not (kindIs "invalid" (index $d.video $k)) -}}
+{{- $f = append $f (list (printf "video.%s" $k) (index $d.video $k)) -}}
+{{- end -}}
+{{- end -}}
 {{- if $d.prompts.source -}}
 {{- $f = append $f (list "data.prompt_source" $d.prompts.source) -}}
 {{- $f = append $f (list "data.prompt_column" $d.prompts.column) -}}
@@ -287,6 +295,12 @@ seccompProfile:
 {{- if $s.decoder -}}
 {{- $_ := set $args "decoder" $s.decoder -}}
 {{- end -}}
+{{- if $s.videoStore.uri -}}
+{{- $_ := set $args "video_store" $s.videoStore.uri -}}
+{{- end -}}
+{{- $_ := set $args "video_store_max_jobs" (int $s.videoStore.maxJobs) -}}
+{{- $_ := set $args "video_store_ttl_s" $s.videoStore.ttlS -}}
+{{- $_ := set $args "video_job_timeout_s" $s.videoStore.jobTimeoutS -}}
 {{- $app := dict "name" $s.appName "route_prefix" $s.routePrefix "import_path" "tdm.serve:build_app" "args" $args -}}
 {{- if $s.workingDir -}}
 {{- $_ := set $app "runtime_env" (dict "working_dir" $s.workingDir) -}}
@@ -485,7 +499,7 @@ workerGroupSpecs:
 {{- if ne (mod (int $t.batchSize) $split) 0 -}}
 {{- fail (printf "distill.train.batchSize (%d) must be divisible by distill.train.numWorkers x distill.train.gradAccumSteps (%d x %d)" (int $t.batchSize) (int $t.numWorkers) (int $t.gradAccumSteps)) -}}
 {{- end -}}
-{{- if and $v.distill.eval.enabled (ne $v.distill.teacher.uri "toy") (not $v.distill.eval.clipModel) -}}
+{{- if and $v.distill.eval.enabled (not (has $v.distill.teacher.uri (list "toy" "toy-video"))) (not $v.distill.eval.clipModel) (not $v.distill.preset) -}}
 {{- fail "distill.eval.clipModel is required to evaluate a non-toy teacher (a CLIP hub id or directory), or set distill.eval.enabled=false" -}}
 {{- end -}}
 {{- range $uri := list $v.distill.teacher.uri $v.distill.prompts.source $v.distill.eval.clipModel -}}
