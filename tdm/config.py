@@ -9,7 +9,7 @@ The command line over this schema is `tdm.cli`.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -20,7 +20,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def grid_problem(grid: list[int], num_steps: int) -> str | None:
+def grid_problem(grid: Sequence[float], num_steps: int) -> str | None:
     """Why `grid` is not a K-step student grid (K timesteps, strictly descending, all > 0), or None."""
     if len(grid) != num_steps:
         return f"has {len(grid)} entries for K={num_steps}"
@@ -346,9 +346,9 @@ class TDMConfig(Section):
         if self.toy_kind is None and self.eval.enabled and self.eval.clip_model is None:
             raise ValueError("eval.clip_model is required to evaluate a non-toy teacher (a CLIP model hub id or "
                              "directory), or set eval.enabled false")
-        if self.teacher.uri == "toy" and self.video.overrides():
-            raise ValueError(f"video.{next(iter(self.video.overrides()))}: the toy teacher makes images; for "
-                             f"video use teacher.uri toy-video")
+        if self.toy_kind is not None and self.video.overrides():
+            raise ValueError(f"video.{next(iter(self.video.overrides()))}: the embedded toys have a fixed geometry "
+                             f"(toy-video: 5 frames of 16x16); leave video.* unset")
         if self.eval.student_steps is not None and any(k < 1 for k in self.eval.student_steps):
             raise ValueError(f"eval.student_steps must be >= 1, got {self.eval.student_steps}")
         return self

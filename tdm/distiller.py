@@ -118,7 +118,8 @@ class TDMDistiller:
     def __init__(self, student_cfg: StudentConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
                  schedule: NoiseSchedule, latent_shape: Sequence[int], teacher: nn.Module, student: nn.Module,
                  fake: nn.Module, opt_student, opt_fake, sched_student=None, sched_fake=None, ema: EMA | None = None,
-                 mixed_precision: str = "no", device_type: str = "cpu", grad_sync=None, grid_rule: GridRule = "uniform"):
+                 mixed_precision: str = "no", device_type: str = "cpu", grad_sync=None,
+                 grid_rule: GridRule = "uniform"):
         self.student_cfg, self.loss_cfg, self.optim_cfg = student_cfg, loss_cfg, optim_cfg
         self.schedule, self.latent_shape = schedule, tuple(latent_shape)
         self.teacher, self.student, self.fake = teacher, student, fake

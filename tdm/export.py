@@ -79,12 +79,16 @@ def stock_scheduler_config(teacher_config: dict, schedule, rule: str = "uniform"
     first_order = dict(solver_order=1, algorithm_type="dpmsolver++", final_sigmas_type="zero",
                        use_karras_sigmas=False, thresholding=False, timestep_spacing="trailing")
     if schedule.kind == "flow":
-        # Wan's hub configs are UniPC with flow sigmas (flow_shift); Euler on the same shifted schedule
-        euler = dict(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
+        euler = diffusers.FlowMatchEulerDiscreteScheduler
+        if "FlowMatch" in teacher_config.get("_class_name", ""):
+            config = dict(euler.from_config(teacher_config).config)
+        else:  # Wan's hub configs are UniPC with flow sigmas (flow_shift): Euler on the same shifted schedule
+            config = dict(euler(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift).config)
+        extra = {}
         if rule == "flow_match" and grid is not None and len(grid) > 1:
-            euler["shift_terminal"] = float(flow_sigma(torch.tensor(float(grid[-1])), schedule.num_train_timesteps,
+            extra["shift_terminal"] = float(flow_sigma(torch.tensor(float(grid[-1])), schedule.num_train_timesteps,
                                                        schedule.shift))
-        return _with_class(diffusers.FlowMatchEulerDiscreteScheduler(**euler))
+        return _with_class(euler.from_config(config, **extra))  # keyword overrides survive _use_default_values
     extra = {}
     if teacher_config.get("snr_shift_scale") is not None or teacher_config.get("rescale_betas_zero_snr"):
         # CogVideoX's schedule (docs/method.md eqs. 1.7-1.8) in a form DPM-Solver reads: its betas

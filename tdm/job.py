@@ -41,7 +41,14 @@ def distill(cfg: TDMConfig) -> dict:
     """Run a distillation end to end; returns a summary (run id, model version, table, gate)."""
     from .cluster import check_placement, init_ray, worker_cpus
     from .paths import runs_dir
-    from .preflight import check_grids, check_storage, run_prompts, teacher_pipeline_class, teacher_scheduler_config
+    from .preflight import (
+        check_grids,
+        check_storage,
+        check_video,
+        run_prompts,
+        teacher_pipeline_class,
+        teacher_scheduler_config,
+    )
     from .teacher import resolve_teacher
     from .tracking import use_tracking_uri
 
@@ -52,8 +59,9 @@ def distill(cfg: TDMConfig) -> dict:
     teacher = None if cfg.toy_kind else resolve_teacher(cfg.teacher.uri)
     prompts = run_prompts(cfg)
     storage = check_storage(cfg.train.storage_path or str(runs_dir()))
-    check_grids(cfg, teacher_scheduler_config(teacher, tracking_uri, cfg.toy_kind),
-                teacher_pipeline_class(teacher, tracking_uri))
+    pipeline_class = teacher_pipeline_class(teacher, tracking_uri)
+    check_grids(cfg, teacher_scheduler_config(teacher, tracking_uri, cfg.toy_kind), pipeline_class)
+    check_video(cfg, teacher, pipeline_class, tracking_uri)
     log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
 
     # 2. Ray, and the toy teacher on first use

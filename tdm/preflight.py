@@ -68,8 +68,53 @@ def teacher_pipeline_class(teacher: TeacherRef | None, tracking_uri: str | None 
         else:
             index = DiffusionPipeline.load_config(str(teacher_dir(teacher, tracking_uri)))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"teacher.uri: {teacher.location} has no readable model_index.json ({first_line(e)})") from None
+        raise ConfigError(f"teacher.uri: {teacher.location} has no readable model_index.json "
+                          f"({first_line(e)})") from None
     return index.get("_class_name")
+
+
+def check_video(cfg: TDMConfig, teacher: TeacherRef | None, pipeline_class: str | None,
+                tracking_uri: str | None = None) -> None:
+    """A video teacher's geometry (video.* over what its directory records over its family's default) must
+    be one its VAE and patch size can make; an image teacher takes no video.*. Read from configs only."""
+    import json
+
+    from .backbones import ADAPTERS, VideoBackbone
+    from .backbones.video import recorded_shape
+    from .teacher import teacher_dir
+
+    video = cfg.video.overrides()
+    adapter = ADAPTERS.get(pipeline_class or "")
+    if teacher is None or adapter is None:
+        return  # the toys (their geometry is fixed: TDMConfig refuses video.*), or load_backbone's own error
+    if not issubclass(adapter, VideoBackbone):
+        if video:
+            raise ConfigError(f"video.{next(iter(video))}: the teacher ({pipeline_class}) is an image model; leave "
+                              f"video.* unset")
+        return
+    if teacher.kind == "hub":
+        from diffusers import ConfigMixin
+        from huggingface_hub import constants
+
+        def read_config(sub: str):
+            try:
+                return dict(ConfigMixin.load_config(teacher.location, subfolder=sub, revision=teacher.revision,
+                                                    cache_dir=constants.HF_HUB_CACHE,
+                                                    local_files_only=constants.HF_HUB_OFFLINE))
+            except (OSError, ValueError):
+                return None
+        index, recorded = {"_class_name": pipeline_class}, None
+    else:
+        root = Path(teacher_dir(teacher, tracking_uri))
+
+        def read_config(sub: str):
+            f = root / sub / "config.json"
+            return json.loads(f.read_text()) if f.is_file() else None
+        index = json.loads((root / "model_index.json").read_text())
+        recorded = recorded_shape(root, index)
+    if read_config("transformer") is None:
+        raise ConfigError(f"teacher.uri: {teacher.location} has no readable transformer/config.json")
+    adapter.check_shape(read_config, index, video, recorded)
 
 
 def check_grids(cfg: TDMConfig, scheduler_config: dict, pipeline_class: str | None = None) -> None:

@@ -199,7 +199,7 @@ class ModelSpec(_Frozen):
         the uniform grid from the schedule's last timestep."""
         if steps in self.grids:
             return list(self.grids[steps])
-        return uniform_grid(steps, self.max_timestep)
+        return list[int | float](uniform_grid(steps, self.max_timestep))
 
     def check_generation(self, num_inference_steps: Any = None, guidance_scale: Any = None) -> GenerationParams:
         """Resolve and check generation parameters (None: the model's default). Raises ParamError naming

@@ -206,8 +206,7 @@ def build_tiny_cogvideox(path: str | Path, seed: int = 0) -> Path:
     """A tiny CogVideoX-2B-shaped pipeline (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5;
     CogVideoX's DDIM schedule: v-prediction, SNR shift 3, zero terminal SNR); its training geometry is
     9 frames of 16x16 ((3, 4, 2, 2) latents)."""
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
-                           CogVideoXTransformer3DModel)
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     path = Path(path)
     torch.manual_seed(seed)

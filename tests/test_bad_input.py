@@ -66,3 +66,42 @@ def test_register_rejects_a_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "register.py"), "--checkpoint",
                            str(tmp_path / "nope")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--checkpoint:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_dir(tmp_path_factory):
+    from tdm.testing import build_tiny_wan
+
+    return build_tiny_wan(tmp_path_factory.mktemp("wan"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--video.frames", "6"], "video.frames: must be 1 + a multiple of 4"),
+    (["--video.height", "40"], "video.height: must be a positive multiple of 16"),
+    (["--student.t_start", "900"], "student.t_start: this teacher's stock pipeline walks"),
+])
+def test_bad_video_geometry_fails_before_training(tmp_path, tiny_wan_dir, args, message):
+    """Checked from the teacher's configs on the driver, before Ray starts."""
+    proc = run_distill(tmp_path, "--teacher.uri", str(tiny_wan_dir), "--data.prompts", "a cat", "--eval.enabled",
+                       "false", "--video.frames", "5", "--video.height", "32", "--video.width", "32", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "ray" not in proc.stdout.lower()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--teacher.uri", "toy-video", "--video.frames", "9"], "video.frames: the embedded toys have a fixed geometry"),
+    (["--video.fps", "8"], "video.fps: the embedded toys have a fixed geometry"),
+    (["--preset", "no-such-preset"], "--preset: unknown preset"),
+])
+def test_video_config_errors(tmp_path, args, message):
+    proc = run_distill(tmp_path, *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_image_teacher_refuses_video_options(tmp_path, tiny_sd_dir):
+    proc = run_distill(tmp_path, "--teacher.uri", str(tiny_sd_dir), "--data.prompts", "a cat", "--eval.enabled",
+                       "false", "--video.frames", "5")
+    assert proc.returncode == 2 and "video.frames: the teacher (StableDiffusionPipeline) is an image model" in \
+        proc.stderr, proc.stderr

@@ -159,7 +159,8 @@ def test_unknown_and_unfinished_jobs(video_server, s3_server):
     assert r.status_code == 409 and "in_progress" in r.json()["error"]["message"]
     # one whose runner vanished long ago is reported failed (timeout), not left running forever
     stale = VideoJob(id=VideoJob.new_id(), model="m/1", prompt="p", seconds="1.25", size="12x12", seed=0, steps=2,
-                     num_frames=5, status="in_progress", created_at=int(time.time()) - 1000)  # past the job timeout (900 s), within the TTL
+                     num_frames=5, status="in_progress",
+                     created_at=int(time.time()) - 1000)  # past the job timeout (900 s), within the TTL
     store.put(stale)
     body = requests.get(f"{base}/v1/videos/{stale.id}", timeout=30).json()
     assert body["status"] == "failed" and body["error"]["code"] == "timeout"

@@ -201,7 +201,7 @@ def test_moving_digits_data():
     cols = torch.arange(16.0)
     for v, d in zip(videos[:, 0], dirs.tolist()):     # the ink's centre moves one pixel per frame its way
         ink = v + 1
-        axis = 1 if DIRECTIONS[d] in ("left", "right") else 0
+        axis = 0 if DIRECTIONS[d] in ("left", "right") else 1     # sum over rows: the column profile
         centre = [(ink[f].sum(axis) * cols).sum() / ink[f].sum() for f in range(5)]
         step = -1 if DIRECTIONS[d] in ("left", "up") else 1
         assert all(abs((b - a).item() - step) < 1e-4 for a, b in zip(centre, centre[1:]))
@@ -250,8 +250,9 @@ def test_mp4_round_trip_keeps_frames_and_size(shape):
     flat = torch.full(shape, 0.5)                                   # a flat grey video decodes to grey
     grey, _ = mp4_frames(to_mp4_bytes(flat, 8.0))
     assert abs(float(grey.mean()) - 127.5) < 3
-    from PIL import Image
     import io
+
+    from PIL import Image
     gif = Image.open(io.BytesIO(to_gif_bytes(video, 8.0)))
     assert gif.n_frames == shape[0]
 

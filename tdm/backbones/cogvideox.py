@@ -38,16 +38,17 @@ class CogVideoXBackbone(VideoBackbone):
         self._rotary: dict = {}
 
     @classmethod
-    def family_shape(cls, pipe) -> VideoShape:
+    def family_shape_of(cls, transformer_config, model_index, spatial: int) -> VideoShape:  # noqa: ARG003
         # the transformer's training geometry (CogVideoX-2B: 49 frames, 60x90 latents = 480x720) at 8 fps
-        c, f = pipe.transformer.config, int(pipe.vae_scale_factor_spatial)
-        return VideoShape(frames=int(c.sample_frames), height=int(c.sample_height) * f,
-                          width=int(c.sample_width) * f, fps=8.0)
+        c = transformer_config
+        return VideoShape(frames=int(c["sample_frames"]), height=int(c["sample_height"]) * spatial,
+                          width=int(c["sample_width"]) * spatial, fps=8.0)
 
-    @property
-    def patch_hw(self) -> tuple[int, int]:
-        p = int(self.network.config.patch_size)
-        return p, p
+    @classmethod
+    def factors(cls, transformer_config, vae_config) -> tuple[int, int, tuple[int, int]]:
+        p = int(transformer_config["patch_size"])
+        # as CogVideoXPipeline derives them
+        return int(vae_config["temporal_compression_ratio"]), 2 ** (len(vae_config["block_out_channels"]) - 1), (p, p)
 
     def layout(self, frames: int, height: int, width: int) -> tuple[int, ...]:
         return (frames, self.network.config.in_channels, height, width)

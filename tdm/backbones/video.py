@@ -49,6 +49,23 @@ def recorded_shape(path: str | Path, model_index: dict) -> dict | None:
     return model_index.get("tdm_video")
 
 
+def latent_geometry(shape: VideoShape, temporal: int, spatial: int, patch: tuple[int, int],
+                    what: str) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of `shape` for a VAE compressing `temporal` frames into
+    one after the first and `spatial` pixels per side, under a network patch of `patch` latents; InputError
+    naming video.* when it cannot produce the shape (`what` names the pipeline)."""
+    if shape.frames < 1 or (shape.frames - 1) % temporal:
+        raise InputError(f"video.frames: must be 1 + a multiple of {temporal} for this {what} (its VAE "
+                         f"compresses {temporal} frames into one), got {shape.frames}")
+    for name, size, p in (("height", shape.height, patch[0]), ("width", shape.width, patch[1])):
+        if size < spatial * p or size % (spatial * p):
+            raise InputError(f"video.{name}: must be a positive multiple of {spatial * p} for this {what} "
+                             f"(VAE x{spatial}, patch {p}), got {size}")
+    if not shape.fps > 0:
+        raise InputError(f"video.fps: must be > 0, got {shape.fps}")
+    return (shape.frames - 1) // temporal + 1, shape.height // spatial, shape.width // spatial
+
+
 class VideoBackbone(StockPipelineBackbone):
     """A stock diffusers video pipeline: the geometry, the latent shape, and video decoding."""
 
@@ -61,36 +78,44 @@ class VideoBackbone(StockPipelineBackbone):
         self.set_shape(shape or self.default_shape())
 
     # ------------------------------------------------------------------ geometry
+    @classmethod
+    def factors(cls, transformer_config, vae_config) -> tuple[int, int, tuple[int, int]]:
+        """(temporal, spatial, (patch h, patch w)) from the network's and the VAE's configs (no VAE: the
+        toy's pixel space, factors 1)."""
+        raise NotImplementedError
+
+    @classmethod
+    def family_shape_of(cls, transformer_config, model_index, spatial: int) -> VideoShape:
+        """The family's release geometry, from its configs."""
+        raise NotImplementedError
+
+    @property
+    def _factors(self) -> tuple[int, int, tuple[int, int]]:
+        return self.factors(self.network.config, None if self.vae is None else self.vae.config)
+
     @property
     def spatial_factor(self) -> int:
         """Pixels per latent along each side (1 for a pixel-space model)."""
-        return 1 if self.vae is None else int(self.pipe.vae_scale_factor_spatial)
+        return self._factors[1]
 
     @property
     def temporal_factor(self) -> int:
         """Frames per latent frame after the first (1 for a pixel-space model)."""
-        return 1 if self.vae is None else int(self.pipe.vae_scale_factor_temporal)
-
-    @property
-    def patch_hw(self) -> tuple[int, int]:
-        """The network's spatial patch size (latents per token along height and width)."""
-        raise NotImplementedError
+        return self._factors[0]
 
     def latent_geometry(self, shape: VideoShape) -> tuple[int, int, int]:
-        """(latent frames, latent height, latent width) of `shape`; InputError naming video.* when the
-        VAE or the patch size cannot produce it."""
-        ft, fs = self.temporal_factor, self.spatial_factor
-        if shape.frames < 1 or (shape.frames - 1) % ft:
-            raise InputError(f"video.frames: must be 1 + a multiple of {ft} for this {self.pipeline_class} "
-                             f"(its VAE compresses {ft} frames into one), got {shape.frames}")
-        ph, pw = self.patch_hw
-        for name, size, p in (("height", shape.height, ph), ("width", shape.width, pw)):
-            if size < fs * p or size % (fs * p):
-                raise InputError(f"video.{name}: must be a positive multiple of {fs * p} for this "
-                                 f"{self.pipeline_class} (VAE x{fs}, patch {p}), got {size}")
-        if not shape.fps > 0:
-            raise InputError(f"video.fps: must be > 0, got {shape.fps}")
-        return (shape.frames - 1) // ft + 1, shape.height // fs, shape.width // fs
+        """(latent frames, latent height, latent width) of `shape` (see `latent_geometry`)."""
+        return latent_geometry(shape, *self._factors, self.pipeline_class)
+
+    @classmethod
+    def check_shape(cls, read_config, model_index: dict, video: dict | None, recorded: dict | None) -> VideoShape:
+        """The geometry `from_pretrained` would use, checked from configs alone (no weights are loaded):
+        `read_config(subfolder)` returns a component's config.json as a dict (None if absent)."""
+        transformer, vae = read_config("transformer"), read_config("vae")
+        temporal, spatial, patch = cls.factors(transformer, vae)
+        shape = cls.family_shape_of(transformer, model_index, spatial).merged(recorded).merged(video)
+        latent_geometry(shape, temporal, spatial, patch, model_index.get("_class_name", cls.__name__))
+        return shape
 
     def set_shape(self, shape: VideoShape) -> None:
         """Generate videos of `shape` (frames, height, width, fps)."""
@@ -136,7 +161,9 @@ class VideoBackbone(StockPipelineBackbone):
     @classmethod
     def family_shape(cls, pipe) -> VideoShape:
         """The release geometry of the family, given its pipeline object."""
-        raise NotImplementedError
+        vae = getattr(pipe, "vae", None)
+        spatial = cls.factors(pipe.transformer.config, None if vae is None else vae.config)[1]
+        return cls.family_shape_of(pipe.transformer.config, pipe.config, spatial)
 
     def default_shape(self) -> VideoShape:
         return self.family_shape(self.pipe)

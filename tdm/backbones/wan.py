@@ -44,16 +44,18 @@ class WanBackbone(VideoBackbone):
         self.time_embed_dim = self.network.condition_embedder.time_embedder.linear_2.out_features
 
     @classmethod
-    def family_shape(cls, pipe) -> VideoShape:
+    def family_shape_of(cls, transformer_config, model_index, spatial: int) -> VideoShape:  # noqa: ARG003
         # Wan 2.1 T2V 480p (1.3B release): 81 frames at 16 fps, 480x832; Wan 2.2 TI2V-5B: 121 at 24, 704x1280
-        if pipe.config.get("expand_timesteps"):
+        if model_index.get("expand_timesteps"):
             return VideoShape(frames=121, height=704, width=1280, fps=24.0)
         return VideoShape(frames=81, height=480, width=832, fps=16.0)
 
-    @property
-    def patch_hw(self) -> tuple[int, int]:
-        p = self.network.config.patch_size
-        return int(p[1]), int(p[2])
+    @classmethod
+    def factors(cls, transformer_config, vae_config) -> tuple[int, int, tuple[int, int]]:
+        p = transformer_config["patch_size"]
+        if vae_config is None:
+            return 1, 1, (int(p[1]), int(p[2]))
+        return int(vae_config["scale_factor_temporal"]), int(vae_config["scale_factor_spatial"]), (int(p[1]), int(p[2]))
 
     def layout(self, frames: int, height: int, width: int) -> tuple[int, ...]:
         return (self.network.config.in_channels, frames, height, width)

@@ -211,7 +211,7 @@ def evaluate_against_teacher(student_images: torch.Tensor, teacher_images: torch
 
 def frame_consistency(features: torch.Tensor) -> float:
     """Mean cosine similarity x 100 of consecutive frames' CLIP embeddings, features (N, F, D) with F >= 2
-    (docs/method.md §7): 100 for a still video."""
+    (docs/method.md eq. 7.3): 100 for a still video."""
     if features.ndim != 3 or features.shape[1] < 2:
         raise ValueError(f"frame consistency: need (N, F >= 2, D) features, got {tuple(features.shape)}")
     cos = F.cosine_similarity(features[:, 1:].double(), features[:, :-1].double(), dim=-1)

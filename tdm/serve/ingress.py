@@ -20,7 +20,8 @@ from .store import JobStore, VideoJob, open_store
 
 log = logging.getLogger("ray.serve")
 
-app = FastAPI(title="tdm", description="Few-step text-to-image and text-to-video generation (OpenAI Images and Videos API shapes)")
+app = FastAPI(title="tdm", description="Few-step text-to-image and text-to-video generation (OpenAI Images and "
+              "Videos API shapes)")
 
 
 @serve.deployment(name="TDMIngress", max_ongoing_requests=64, max_queued_requests=64)

@@ -9,7 +9,6 @@ import time
 
 from .. import __version__
 from ..config import TDMConfig, ToyConfig, ToyVideoConfig
-
 from ..console import log
 
 ToySettings = ToyConfig | ToyVideoConfig
