@@ -66,7 +66,11 @@ class ToyVideoConfig(Section):
 
     model_name: str = Field("tdm-toy-video-teacher", description="Registered model name of the toy video teacher.")
     train_steps: int = Field(3000, ge=1, description="Optimizer steps of the toy video teacher's flow training.")
-    heads: int = Field(2, ge=1, description="Attention heads of the toy video transformer (head width 16).")
+    heads: int = Field(1, ge=1, description="Attention heads of the toy video transformer.")
+    head_dim: int = Field(64, ge=6, description="Width of each head; Wan's 3D rotary embedding gives height and "
+                          "width 2*(head_dim//6) channels each, so narrow heads barely see where a patch is.")
+    patch: int = Field(2, ge=1, description="Spatial patch of the transformer (pixels per token side; 16 must "
+                       "be a multiple).")
     layers: int = Field(2, ge=1, description="Transformer blocks of the toy video teacher.")
     batch_size: int = Field(64, ge=1, description="Toy video teacher training batch size.")
     lr: float = Field(2e-3, gt=0, description="Toy video teacher learning rate (AdamW, cosine decay).")
@@ -257,6 +261,11 @@ class GateConfig(Section):
 
 #: teacher.uri of the embedded toys
 TOY_TEACHERS = ("toy", "toy-video")
+#: what teacher.uri toy-video changes in the defaults (values given explicitly win)
+TOY_VIDEO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "registry": {"model_name": "tdm-video-student"},
+    "train": {"max_steps": 300, "batch_size": 32},
+}
 
 
 class RegistryConfig(Section):
@@ -297,13 +306,16 @@ class TDMConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _video_student_name(cls, data: Any):
-        # the toy video job registers its student apart from the image toy's, unless told otherwise
+    def _toy_video_defaults(cls, data: Any):
+        # the toy video job registers its student apart from the image toy's and, its network costing more
+        # per sample, trains on a smaller batch for fewer iterations, unless told otherwise (TOY_VIDEO_DEFAULTS)
         if isinstance(data, dict) and isinstance(data.get("teacher"), dict) and \
                 data["teacher"].get("uri") == "toy-video":
-            registry = data.get("registry") or {}
-            if isinstance(registry, dict) and "model_name" not in registry:
-                data = {**data, "registry": {**registry, "model_name": "tdm-video-student"}}
+            data = dict(data)
+            for section, values in TOY_VIDEO_DEFAULTS.items():
+                given = data.get(section) or {}
+                if isinstance(given, dict):
+                    data[section] = {**values, **given}
         return data
 
     @property

@@ -41,7 +41,7 @@ def video_server(ray_cluster, tdm_home, s3_server, tiny_toy_dir, tmp_path_factor
     from tdm.toy.video_teacher import build_toy_video_backbone
 
     tmp = tmp_path_factory.mktemp("serve_video")
-    video = build_toy_video_backbone(seed=0, heads=1, layers=1)
+    video = build_toy_video_backbone(seed=0, heads=1, layers=1, head_dim=16)
     _register(tmp, VMODEL, video, model_spec(video, "student", 2, 1.0, grids={2: [1000, 500]}), 1)
     image = load_backbone(tiny_toy_dir)
     _register(tmp, IMODEL, image, model_spec(image, "student", 2, 1.0, grids={2: [999, 500]}), 2)

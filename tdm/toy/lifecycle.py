@@ -52,7 +52,8 @@ def _train(toy: ToySettings, out_dir: str) -> dict:
     if isinstance(toy, ToyVideoConfig):
         from .video_teacher import train_toy_video_teacher
 
-        return train_toy_video_teacher(out_dir, heads=toy.heads, layers=toy.layers, **common)
+        return train_toy_video_teacher(out_dir, heads=toy.heads, head_dim=toy.head_dim, patch=toy.patch,
+                                       layers=toy.layers, **common)
     from .teacher import train_toy_teacher
 
     return train_toy_teacher(out_dir, channels=tuple(toy.channels), **common)

@@ -23,10 +23,10 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 SHAPE = VideoShape(frames=FRAMES, height=CANVAS, width=CANVAS, fps=FPS)
 
 
-def build_toy_video_backbone(seed: int = 0, heads: int = 2, layers: int = 2, patch: int = 2,
-                             head_dim: int = 16) -> WanBackbone:
-    """A randomly initialised toy video pipeline: Wan transformer (patch 1x2x2, `heads` x 16 wide,
-    `layers` blocks) on 1-channel pixels, UMT5 text encoder (width 32)."""
+def build_toy_video_backbone(seed: int = 0, heads: int = 1, layers: int = 2, patch: int = 2,
+                             head_dim: int = 64) -> WanBackbone:
+    """A randomly initialised toy video pipeline: Wan transformer (patch 1 x `patch` x `patch`, `heads` x
+    `head_dim` wide, `layers` blocks) on 1-channel pixels, UMT5 text encoder (width 32)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -49,7 +49,7 @@ def build_toy_video_backbone(seed: int = 0, heads: int = 2, layers: int = 2, pat
 
 def train_toy_video_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int, lr: float,
                             cfg_dropout: float, ema_decay: float, holdout_fraction: float, seed: int,
-                            heads: int = 2, layers: int = 2, patch: int = 2, head_dim: int = 16,
+                            heads: int = 1, layers: int = 2, patch: int = 2, head_dim: int = 64,
                             show_progress: bool = True) -> dict:
     """Train the toy video teacher on the non-held-out digits (all four directions) and save it (EMA
     weights) in diffusers layout.
