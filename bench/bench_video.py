@@ -38,6 +38,8 @@ def wan_shaped(layers: int, text_layers: int, device: str, dtype):
 
     tok = clip_tokenizer(Path(tempfile.mkdtemp()) / "tok")
     tok.model_max_length = 512
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16: UMT5-XXL's width in fp32 would not fit a 24 GiB machine
     with torch.device(device):
         transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
                                             in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
@@ -48,6 +50,7 @@ def wan_shaped(layers: int, text_layers: int, device: str, dtype):
         text = UMT5EncoderModel(UMT5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=text_layers,
                                            num_heads=64, feed_forward_proj="gated-gelu", pad_token_id=1,
                                            eos_token_id=1, decoder_start_token_id=0))
+    torch.set_default_dtype(before)
     pipe = WanPipeline(tokenizer=tok, text_encoder=text, transformer=transformer, vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     return pipe.to(device=device, dtype=dtype)

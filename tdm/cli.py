@@ -123,7 +123,7 @@ def print_summary(summary: dict) -> None:
     if rows:
         widths = [max(9, len(header) + 2) for _, header, _ in columns]
         print(f"\n{'sampler':<18}{'NFE':>5}" + "".join(f"{h:>{w}}" for (_, h, _), w in zip(columns, widths))
-              + f"{'ms/image':>10}")
+              + f"{'ms/sample':>10}")
         for name, r in rows.items():
             cells = "".join(f"{r[key]:>{w}{fmt}}" for (key, _, fmt), w in zip(columns, widths))
             print(f"{name:<18}{r['nfe']:>5}{cells}{r['latency_ms']:>10.2f}")
