@@ -9,7 +9,6 @@ owns its latent layout. `decode` returns videos (B, F, C, H, W) in [0, 1], whate
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,12 +39,12 @@ class VideoShape:
 def recorded_shape(path: str | Path, model_index: dict) -> dict | None:
     """The geometry a model directory records: its tdm_model.json (frames, image_size, fps), else a toy
     pipeline's model_index.json `tdm_video`; None when it records none (e.g. a stock hub pipeline)."""
-    spec = Path(path) / "tdm_model.json"
-    if spec.is_file():
-        d = json.loads(spec.read_text())
-        if d.get("frames") and d.get("image_size"):
-            return {"frames": d["frames"], "height": d["image_size"][0], "width": d["image_size"][1],
-                    "fps": d.get("fps")}
+    from ..spec import SPEC_FILE, ModelSpec
+
+    if (Path(path) / SPEC_FILE).is_file():
+        spec = ModelSpec.load(path)
+        if spec.frames and spec.image_size:
+            return {"frames": spec.frames, "height": spec.image_size[0], "width": spec.image_size[1], "fps": spec.fps}
     return model_index.get("tdm_video")
 
 

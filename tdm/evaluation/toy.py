@@ -18,22 +18,18 @@ def eval_prompts(n: int) -> list[str]:
     return [CAPTIONS[i % 10] for i in range(n)]
 
 
-class DigitEvaluator(Evaluator):
-    """FID and adherence for the toy, from a classifier trained on the digits held out from the teacher."""
+class HeldOutClassifierEvaluator(Evaluator):
+    """What the toys' evaluators share: a classifier trained on the data held out from the teacher, whose
+    features give the FID space against `real` samples; deterministic in (holdout_fraction, seed)."""
 
-    kind = "digits"
-    metrics = (Metric("fid", "FID"), Metric("adherence", "adherence %", ".1f"))
-    grid_images, grid_nrow, grid_scale = 100, 10, 4
-    cacheable = True  # a deterministic classifier trained from (holdout_fraction, seed)
+    cacheable = True
 
-    def __init__(self, holdout_fraction: float, seed: int):
-        from ..toy.classifier import train_classifier
-
-        self.classifier, self.classifier_info = train_classifier(holdout_fraction, seed)
-        x, _ = load_digits_tensors()
+    def _setup(self, name: str, classifier, classifier_info: dict, real: torch.Tensor, holdout_fraction: float,
+               seed: int) -> None:
+        self.classifier, self.classifier_info = classifier, classifier_info
         with torch.no_grad():
-            self.ref = feature_stats(self.classifier.features(x))
-        self._identity = {"evaluator": "digits-classifier", "holdout_fraction": holdout_fraction, "seed": seed}
+            self.ref = feature_stats(self.classifier.features(real))
+        self._identity = {"evaluator": name, "holdout_fraction": holdout_fraction, "seed": seed}
 
     @property
     def identity(self) -> dict:
@@ -41,6 +37,20 @@ class DigitEvaluator(Evaluator):
 
     def info(self) -> dict:
         return {**self._identity, **self.classifier_info}
+
+
+class DigitEvaluator(HeldOutClassifierEvaluator):
+    """FID and adherence for the toy, from a classifier trained on the digits held out from the teacher."""
+
+    kind = "digits"
+    metrics = (Metric("fid", "FID"), Metric("adherence", "adherence %", ".1f"))
+    grid_images, grid_nrow, grid_scale = 100, 10, 4
+
+    def __init__(self, holdout_fraction: float, seed: int):
+        from ..toy.classifier import train_classifier
+
+        x, _ = load_digits_tensors()
+        self._setup("digits-classifier", *train_classifier(holdout_fraction, seed), x, holdout_fraction, seed)
 
     @torch.no_grad()
     def score_labels(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

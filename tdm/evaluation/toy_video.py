@@ -10,9 +10,9 @@ from typing import Sequence
 import torch
 
 from ..toy.motion import VIDEO_CAPTIONS, caption_target, moving_digits
-from .base import EvalRow, Evaluator, GateCheck, Metric
+from .base import EvalRow, GateCheck, Metric
 from .fid import feature_stats, frechet_distance
-from .toy import fid_adherence_checks
+from .toy import HeldOutClassifierEvaluator, fid_adherence_checks
 
 
 def video_eval_prompts(n: int) -> list[str]:
@@ -25,34 +25,24 @@ def temporal_consistency(frame_digits: torch.Tensor) -> float:
     return float((frame_digits == frame_digits[:, :1]).all(1).float().mean()) * 100
 
 
-class MotionEvaluator(Evaluator):
+class MotionEvaluator(HeldOutClassifierEvaluator):
     """FID, adherence and temporal consistency for the toy video teacher and its students."""
 
     kind = "moving-digits"
     metrics = (Metric("fid", "FID"), Metric("adherence", "adherence %", ".1f"),
                Metric("consistency", "consistency %", ".1f"))
     grid_images, grid_nrow, grid_scale = 40, 8, 4
-    cacheable = True  # a deterministic classifier trained from (holdout_fraction, seed)
 
     def __init__(self, holdout_fraction: float, seed: int):
         from ..toy.video_classifier import train_motion_classifier
 
-        self.classifier, self.classifier_info = train_motion_classifier(holdout_fraction, seed)
         real, _, _ = moving_digits(torch.arange(1797))
-        with torch.no_grad():
-            self.ref = feature_stats(self.classifier.features(real))
-        self._identity = {"evaluator": "motion-classifier", "holdout_fraction": holdout_fraction, "seed": seed}
-
-    @property
-    def identity(self) -> dict:
-        return dict(self._identity)
-
-    def info(self) -> dict:
-        return {**self._identity, **self.classifier_info}
+        self._setup("motion-classifier", *train_motion_classifier(holdout_fraction, seed), real, holdout_fraction,
+                    seed)
 
     @torch.no_grad()
     def score_targets(self, videos: torch.Tensor, digits: torch.Tensor, directions: torch.Tensor) -> dict[str, float]:
-        """videos (N, F, 1, 12, 12) in [0, 1]; the requested digits and directions (N,)."""
+        """videos (N, F, 1, 16, 16) in [0, 1]; the requested digits and directions (N,)."""
         x = videos.float().cpu().permute(0, 2, 1, 3, 4) * 2 - 1
         feats = self.classifier.features(x)
         right = (self.classifier.digit_head(feats).argmax(1) == digits) & \

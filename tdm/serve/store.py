@@ -148,7 +148,10 @@ class S3JobStore(JobStore):
         return None if self.expired(job) else job
 
     def content(self, job_id: str) -> bytes | None:
-        return None if self.get(job_id) is None else self._read(self._key(job_id, "mp4"))
+        """The MP4 of a job the caller has just read with `get` (one request: the record is not read again)."""
+        if "/" in job_id or not job_id.startswith("video_"):
+            return None
+        return self._read(self._key(job_id, "mp4"))
 
     def prune(self) -> int:
         """Delete jobs past ttl_s, then the oldest beyond max_jobs; returns how many were deleted."""
