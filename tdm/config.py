@@ -65,7 +65,7 @@ class ToyVideoConfig(Section):
     WanTransformer3DModel in pixel space on moving digits (tdm.toy.video)."""
 
     model_name: str = Field("tdm-toy-video-teacher", description="Registered model name of the toy video teacher.")
-    train_steps: int = Field(2000, ge=1, description="Optimizer steps of the toy video teacher's flow training.")
+    train_steps: int = Field(4000, ge=1, description="Optimizer steps of the toy video teacher's flow training.")
     heads: int = Field(2, ge=1, description="Attention heads of the toy video transformer.")
     head_dim: int = Field(32, ge=6, description="Width of each head; Wan's 3D rotary embedding gives height and "
                           "width 2*(head_dim//6) channels each, so narrow heads barely see where a patch is.")
@@ -73,7 +73,7 @@ class ToyVideoConfig(Section):
                        "be a multiple).")
     layers: int = Field(2, ge=1, description="Transformer blocks of the toy video teacher.")
     batch_size: int = Field(64, ge=1, description="Toy video teacher training batch size.")
-    lr: float = Field(1e-3, gt=0, description="Toy video teacher learning rate (AdamW, cosine decay).")
+    lr: float = Field(3e-3, gt=0, description="Toy video teacher learning rate (AdamW, cosine decay).")
     cfg_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of dropping the caption during teacher "
                                "training (the unconditional score for CFG).")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the toy video teacher's weights.")

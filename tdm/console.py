@@ -28,10 +28,32 @@ def progress(iterable=None, *, total=None, desc: str = "", disable: bool = False
         # Ray is already loaded in this process (we are one of its workers): use its bar without making
         # Ray a dependency of everything that shows progress
         ray_tqdm = importlib.import_module("ray.experimental.tqdm_ray").tqdm
-        return ray_tqdm(iterable, total=total, desc=desc)
+        return RayBar(ray_tqdm(iterable, total=total, desc=desc))
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, disable=disable, mininterval=2, leave=False)
+
+
+class RayBar:
+    """A Ray tqdm bar that closes for good: at the end of its loop (Ray's own does not close itself), and
+    with stdout flushed, since the close is a line the driver must read before the worker exits. A bar left
+    open on the driver is redrawn around every later line it prints, the final summary too."""
+
+    def __init__(self, bar):
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+        sys.stdout.flush()
+
+    def __iter__(self):
+        try:
+            yield from self._bar
+        finally:
+            self.close()
 
 
 def quiet_libraries() -> None:

@@ -162,6 +162,8 @@ def encode_prompt_set(backbone, prompts: list[str], teacher: TeacherRef, use_cac
         parts.append(backbone.encode_prompts(prompts[i:i + batch_size]))
         if bar is not None:
             bar.update(len(parts[-1][next(iter(parts[-1]))]))
+    if bar is not None:
+        bar.close()
     cond = cond_cat(*parts)
     if use_cache:  # atomic publish: concurrent workers on a node write the same bytes
         path.parent.mkdir(parents=True, exist_ok=True)

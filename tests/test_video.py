@@ -187,23 +187,31 @@ def test_video_model_dir_round_trip_records_its_geometry(tiny_video_dirs, tmp_pa
 # ---------------------------------------------------------------- the toy video teacher
 
 def test_moving_digits_data():
-    from tdm.toy.motion import DIRECTIONS, VIDEO_CAPTIONS, caption_target, moving_digits, offsets
+    from tdm.toy.motion import DIRECTIONS, TRACK, VIDEO_CAPTIONS, MovingDigits, caption_target, moving_digits, offsets
 
     assert len(VIDEO_CAPTIONS) == 40 and VIDEO_CAPTIONS[13] == "a handwritten digit 3 moving right"
     assert caption_target("a handwritten digit 3 moving right") == (3, 1) and caption_target("a cat") is None
-    # one pixel per frame; 'along' is where the travel starts, 'across' the other coordinate
-    assert offsets(DIRECTIONS.index("left"), 0, 3) == [(3, 4), (3, 3), (3, 2), (3, 1), (3, 0)]
-    assert offsets(DIRECTIONS.index("down"), 4, 8) == [(4, 8), (5, 8), (6, 8), (7, 8), (8, 8)]
+    # two pixels per frame; 'along' is where the travel starts, 'across' the other coordinate
+    assert offsets(DIRECTIONS.index("left"), 0, 3) == [(3, 8), (3, 6), (3, 4), (3, 2), (3, 0)]
+    assert offsets(DIRECTIONS.index("down"), 0, 5) == [(0, 5), (2, 5), (4, 5), (6, 5), (8, 5)]
     videos, digits, dirs = moving_digits(torch.tensor([0, 1]))
     assert videos.shape == (8, 1, 5, 16, 16) and digits.tolist() == [0, 1] * 4
     assert dirs.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert torch.equal(videos, moving_digits(torch.tensor([0, 1]))[0])     # the places are seeded
+    # every training video runs on the centre line: 'left' starts at column 8 of row 4 and ends at 0
+    assert TRACK == (0, 4) and offsets(DIRECTIONS.index("left"), *TRACK)[::4] == [(4, 8), (4, 0)]
+    left = videos[0, 0, 0] > -1
+    assert left[4:12, 8:16].any() and not left[:4].any() and not left[12:].any() and not left[:, :8].any()
+    assert torch.equal(videos, moving_digits(torch.tensor([0, 1]))[0])
+    # the classifier's augmentation: random places, drawn with a generator
+    data = MovingDigits(torch.tensor([0, 1]))
+    jittered = data.videos(torch.arange(8), torch.Generator().manual_seed(0))
+    assert jittered.shape == videos.shape and not torch.equal(jittered, videos)
     cols = torch.arange(16.0)
-    for v, d in zip(videos[:, 0], dirs.tolist()):     # the ink's centre moves one pixel per frame its way
+    for v, d in zip(videos[:, 0], dirs.tolist()):     # the ink's centre moves two pixels per frame its way
         ink = v + 1
         axis = 0 if DIRECTIONS[d] in ("left", "right") else 1     # sum over rows: the column profile
         centre = [(ink[f].sum(axis) * cols).sum() / ink[f].sum() for f in range(5)]
-        step = -1 if DIRECTIONS[d] in ("left", "up") else 1
+        step = -2 if DIRECTIONS[d] in ("left", "up") else 2
         assert all(abs((b - a).item() - step) < 1e-4 for a, b in zip(centre, centre[1:]))
 
 

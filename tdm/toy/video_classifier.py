@@ -60,7 +60,7 @@ def train_motion_classifier(holdout_fraction: float, seed: int, epochs: int = 8)
         perm = torch.randperm(len(data), generator=g)
         for i in range(0, len(data), 64):
             b = perm[i:i + 64]
-            xb = data.videos(b, g)                  # a fresh random place every epoch
+            xb = data.videos(b, g)                  # random places: it judges digits wherever drawn
             d_logits, m_logits = model(xb)
             frame_logits = model.frame_digits(xb)
             loss = F.cross_entropy(d_logits, digit[b]) + F.cross_entropy(m_logits, direction[b]) + \

@@ -36,7 +36,8 @@ def build_toy_video_backbone(seed: int = 0, heads: int = 1, layers: int = 2, pat
     tokenizer = build_tokenizer(VIDEO_CAPTIONS, MAX_TOKENS)
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id))
     transformer = WanTransformer3DModel(
         patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=1,
@@ -76,7 +77,7 @@ def train_toy_video_teacher(out_dir: str | Path, *, train_steps: int, batch_size
 
     def loss(g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(data), (batch_size,), generator=g)
-        x0, rows = data.videos(idx, g), captions[idx].clone()
+        x0, rows = data.videos(idx), captions[idx].clone()
         rows[torch.rand(batch_size, generator=g) < cfg_dropout] = empty
         sigma = flow_sigma(torch.rand(batch_size, generator=g) * T, T, shift)
         eps = torch.randn(x0.shape, generator=g)
