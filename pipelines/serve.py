@@ -34,13 +34,19 @@ def main(argv=None) -> int:
     args = vars(p.parse_args(argv))
     host, port, address, print_only = (args.pop(k) for k in ("host", "port", "address", "print_config"))
     if "upscale_factors" in args:
-        args["upscale_factors"] = [int(x) for x in str(args["upscale_factors"]).split(",")]
+        try:
+            args["upscale_factors"] = [int(x) for x in str(args["upscale_factors"]).split(",")]
+        except ValueError:
+            print(f"serve.py: error: --upscale-factors: integers separated by commas (e.g. 1,4), got "
+                  f"{args['upscale_factors']!r}", file=sys.stderr)
+            return 2
     try:
         ServeConfig.model_validate({k: v for k, v in args.items() if k in ServeConfig.model_fields})
     except ValidationError as e:
         err = e.errors()[0]
-        print(f"serve.py: error: --{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}",
-              file=sys.stderr)
+        flag, *where = err["loc"]
+        item = f" (item {where[0]})" if where else ""
+        print(f"serve.py: error: --{str(flag).replace('_', '-')}{item}: {err['msg']}", file=sys.stderr)
         return 2
     if print_only:
         print(json.dumps(serve_config(args), indent=2))

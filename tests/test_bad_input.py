@@ -105,3 +105,20 @@ def test_image_teacher_refuses_video_options(tmp_path, tiny_sd_dir):
                        "false", "--video.frames", "5")
     assert proc.returncode == 2 and "video.frames: the teacher (StableDiffusionPipeline) is an image model" in \
         proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--upscale-factors", "1,a"], "--upscale-factors: integers separated by commas"),
+    (["--upscale-factors", "1,0"], "--upscale-factors (item 1): Input should be greater than or equal to 1"),
+    (["--upscale-factors", "-3"], "--upscale-factors (item 0)"),
+    (["--upscale-factors", "4,4"], "each factor once"),
+    (["--poll-interval-s", "inf"], "--poll-interval-s: Input should be a finite number"),
+    (["--batch-wait-timeout-s", "nan"], "--batch-wait-timeout-s: Input should be a finite number"),
+    (["--max-batch-size", "0"], "--max-batch-size"),
+])
+def test_bad_serve_options_fail_with_one_line(args, expected):
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "serve.py"), *args, "--print-config"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -506,6 +506,10 @@ BAD_VALUES = {
     "extraArgs overriding a chart-set flag": ({"distill": {"extraArgs": {"train.storage_path": "/tmp"}}},
                                           "distill.extraArgs.train.storage_path is set by the chart"),
     "non-root user 0": ({"securityContext": {"runAsUser": 0}}, "'/securityContext/runAsUser': minimum"),
+    # the serve options' bounds are ServeConfig's (tdm/serve/config.py)
+    "upscale factor 0": ({"serve": {"upscaleFactors": [1, 0]}}, "'/serve/upscaleFactors/1': minimum"),
+    "upscale factor twice": ({"serve": {"upscaleFactors": [2, 2]}}, "'/serve/upscaleFactors'"),
+    "poll interval beyond a day": ({"serve": {"pollIntervalS": 1e9}}, "'/serve/pollIntervalS': maximum"),
 }
 
 

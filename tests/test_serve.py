@@ -136,6 +136,29 @@ def test_malformed_json(server):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("raw,param,words", [
+    (b'{"prompt": "a digit \\ud800"}', "prompt", "surrogate"),            # valid JSON, not encodable text
+    (b'{"prompt": "a \\u0007 digit"}', "prompt", "U+0007"),                # a control character
+    (b'{"prompt": "a", "user": "x\\udfff"}', "user", "surrogate"),
+    (b'{"prompt": "a", "seed": NaN}', None, "finite"),
+    (b'{"prompt": "a", "seed": -Infinity}', None, "finite"),
+    (b'{"prompt": "a", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "nested"),
+])
+def test_input_that_parses_but_cannot_be_served_is_a_400(server, raw, param, words):
+    r = requests.post(f"{server['url']}/v1/images/generations", data=raw, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"]
+    assert gen(server["url"], prompt="a handwritten digit 1", n=1, seed=1).status_code == 200  # still serving
+
+
+def test_unknown_routes_and_methods_get_openai_errors(server):
+    r = requests.get(f"{server['url']}/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error" and "detail" not in r.json()
+    r = requests.get(f"{server['url']}/v1/images/generations", timeout=10)
+    assert r.status_code == 405 and "GET" in r.json()["error"]["message"] and "POST" in r.headers["allow"]
+
+
 def test_overload_gets_503_quickly_and_stays_healthy(server):
     url = server["url"] + "/small"
 

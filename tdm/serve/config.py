@@ -1,7 +1,7 @@
 """Serving options: the deployments' user_config, validated once per (re)configuration."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -13,14 +13,17 @@ class ServeConfig(BaseModel):
 
     model_uri: str = Field("models:/tdm-student@champion", description="Registered model to serve "
                            "(models:/<name>@<alias> or models:/<name>/<version>) or a local tdm pipeline directory.")
-    poll_interval_s: float = Field(10.0, ge=0, description="Seconds between registry checks for a moved alias "
+    poll_interval_s: float = Field(10.0, ge=0, le=86400, allow_inf_nan=False,
+                                   description="Seconds between registry checks for a moved alias "
                                    "(0 = never; a new model_uri in user_config still swaps).")
     max_batch_size: int = Field(8, ge=1, le=256, description="Images per network batch (requests are batched "
                                 "up to this many images; chunks are padded to exactly this size).")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, allow_inf_nan=False,
+                                        description="How long a batch waits to fill up (seconds).")
     max_images_per_request: int = Field(4, ge=1, description="Upper bound of `n`.")
     max_prompt_chars: int = Field(1000, ge=1, description="Upper bound of the prompt length.")
-    upscale_factors: list[int] = Field([1], description="Allowed output sizes as integer multiples of the model's "
+    upscale_factors: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [1], min_length=1, description="Allowed output sizes as integer multiples (1-64, each once) of the model's "
                                        "native size (nearest-neighbour upscaling), e.g. 1,32 for the 8x8 toy.")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                                         "or the local tdm store).")
@@ -33,9 +36,18 @@ class ServeConfig(BaseModel):
                                        "ingress replica's memory (one replica); s3://bucket/prefix = an S3-compatible "
                                        "store every replica reads.")
     video_store_max_jobs: int = Field(1000, ge=1, description="Video jobs kept; the oldest are dropped beyond it.")
-    video_store_ttl_s: float = Field(3600.0, gt=0, description="Seconds a video job and its MP4 are kept.")
-    video_job_timeout_s: float = Field(900.0, gt=0, description="A video job still unfinished after this many "
+    video_store_ttl_s: float = Field(3600.0, gt=0, allow_inf_nan=False,
+                                     description="Seconds a video job and its MP4 are kept.")
+    video_job_timeout_s: float = Field(900.0, gt=0, allow_inf_nan=False,
+                                       description="A video job still unfinished after this many "
                                        "seconds (e.g. its ingress replica died) is reported failed.")
+
+    @field_validator("upscale_factors")
+    @classmethod
+    def _distinct_factors(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each factor once, got {v}")
+        return v
 
     @field_validator("video_store")
     @classmethod

@@ -79,6 +79,25 @@ def run_images(pipe, jobs: list[GenerationJob], chunk: int) -> list[list[bytes]]
     return out
 
 
+def run_isolated(pipe, jobs: list[GenerationJob], chunk: int) -> list[list[bytes] | ParamError]:
+    """`run_images`, with a failure confined to the job that caused it: when the batched call raises,
+    each job runs again alone (same chunk size, so the same images), and a job that fails alone gets a
+    ParamError instead of images. Validation in the ingress refuses the inputs known to break a model
+    (tdm.serve.protocol); this catches the ones nobody foresaw."""
+    try:
+        return list(run_images(pipe, jobs, chunk))
+    except Exception as e:  # noqa: BLE001 - whichever job broke the batch must not take the others with it
+        log.warning("tdm: a batch of %d jobs failed (%s); running them one by one", len(jobs), type(e).__name__)
+    out: list[list[bytes] | ParamError] = []
+    for job in jobs:
+        try:
+            out.append(run_images(pipe, [job], chunk)[0])
+        except Exception:  # noqa: BLE001 - reported on this request only
+            log.exception("tdm: a job failed on its own (prompt of %d characters)", len(job.prompt))
+            out.append(ParamError("prompt", "the model failed to generate this request"))
+    return out
+
+
 @serve.deployment(name="TDMGenerator", max_ongoing_requests=32, health_check_period_s=5,
                   health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
 class TDMGenerator:
@@ -157,9 +176,10 @@ class TDMGenerator:
         # compute thread holds the GIL and starves the loop, requests trickle in one at a time and
         # batches never fill (2 cores: 18 img/s in a thread vs 59 img/s here, 160 queued requests).
         # Requests arriving meanwhile wait in the replica's queue and form the next batch.
-        images = iter(run_images(pipe, ok, self.cfg.max_batch_size)) if ok else iter(())
-        return [GenerationResult(model.id, tuple(next(images))) if isinstance(j, GenerationJob) else
-                GenerationResult(model.id, error=j) for j in checked]
+        ran = iter(run_isolated(pipe, ok, self.cfg.max_batch_size)) if ok else iter(())
+        results = [next(ran) if isinstance(j, GenerationJob) else j for j in checked]
+        return [GenerationResult(model.id, error=r) if isinstance(r, ParamError) else
+                GenerationResult(model.id, tuple(r)) for r in results]
 
     def __del__(self):
         self._stop.set()

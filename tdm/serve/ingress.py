@@ -10,8 +10,10 @@ import time
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ParamError, first_line
 from .config import ServeConfig
@@ -22,6 +24,30 @@ log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="tdm", description="Few-step text-to-image and text-to-video generation (OpenAI Images and "
               "Videos API shapes)")
+
+
+# Registered before serve.ingress(app) below: the deployment takes the app as it is then.
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request, exc):  # noqa: ARG001 - FastAPI's handler signature
+    """FastAPI's own refusals (unknown route 404, wrong method 405) in OpenAI's error shape."""
+    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+    what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    err = RequestError(what.get(exc.status_code, str(exc.detail)), None, exc.status_code, kind)
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request, exc):  # noqa: ARG001 - FastAPI's handler signature
+    loc = next(iter(exc.errors()), {}).get("loc", ())
+    param = str(loc[-1]) if loc else None
+    return JSONResponse(RequestError(f"{param}: invalid", param, 422).body(), status_code=422)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request, exc):  # noqa: ARG001 - FastAPI's handler signature; never leak a stack trace
+    # the log has the exception; the body names nothing of it (no type, no message, no trace)
+    log.exception("tdm: unexpected error")
+    return JSONResponse(RequestError("internal error", None, 500, "server_error").body(), status_code=500)
 
 
 @serve.deployment(name="TDMIngress", max_ongoing_requests=64, max_queued_requests=64)
@@ -171,10 +197,3 @@ class TDMIngress:
         if model is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "model": model.id}
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request, exc):  # noqa: ARG001 - FastAPI's handler signature; never leak a stack trace
-    log.exception("tdm: unexpected error")
-    return JSONResponse(RequestError(f"internal error: {type(exc).__name__}", None, 500, "server_error").body(),
-                        status_code=500)

@@ -137,21 +137,47 @@ class GenerationResult:
     error: Optional[ParamError] = None
 
 
-def _body(raw: bytes, schema: type[BaseModel]):
-    """The request body validated as `schema`; RequestError naming the field."""
+def _non_finite(name: str):
+    # json.loads reads NaN, Infinity and -Infinity by default: no API field takes them
+    raise RequestError(f"request body holds {name}: numbers must be finite")
+
+
+def _check_text(param: str, value: str) -> None:
+    """A string the model can be handed: encodable as UTF-8 (JSON's \ud800 escape is not) and free of
+    control characters other than tab and newlines."""
     try:
-        body = json.loads(raw)
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{param}: holds an unpaired UTF-16 surrogate (not encodable text)", param) from None
+    bad = next((c for c in value if (ord(c) < 32 and c not in "\t\n\r") or 0x7f <= ord(c) < 0xa0), None)
+    if bad is not None:
+        raise RequestError(f"{param}: holds the control character U+{ord(bad):04X}", param)
+
+
+def _body(raw: bytes, schema: type[BaseModel]):
+    """The request body validated as `schema`, every string in it checked (`_check_text`); RequestError
+    naming the field."""
+    try:
+        body = json.loads(raw, parse_constant=_non_finite)
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, RequestError):
+            raise
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     try:
-        return schema.model_validate(body)
+        req = schema.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None  # a top-level field (a union adds its member)
         msg = "unrecognized request argument" if err["type"] == "extra_forbidden" else err["msg"]
         raise RequestError(f"{param}: {msg}", param) from None
+    for name, value in req:
+        if isinstance(value, str):
+            _check_text(name, value)
+    return req
 
 
 def _common(req, model: ServedModel, cfg: ServeConfig):
