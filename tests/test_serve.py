@@ -120,7 +120,14 @@ def test_batching_does_not_change_results(server):
     ({"prompt": "a", "steps": 3}, "steps", 400),
     ({"prompt": "a", "size": "1024x1024"}, "size", 400),
     ({"prompt": "a", "response_format": "url"}, "response_format", 400),
-    ({"prompt": "a", "quality": "hd"}, "quality", 400),
+    ({"prompt": "a", "quality": "ultra"}, "quality", 400),
+    ({"prompt": "a", "style": "baroque"}, "style", 400),
+    ({"prompt": "a", "output_format": "gif"}, "output_format", 400),
+    ({"prompt": "a", "output_format": "jpeg", "output_compression": 101}, "output_compression", 400),
+    ({"prompt": "a", "output_compression": 50}, "output_compression", 400),      # png is lossless
+    ({"prompt": "a", "background": "chequered"}, "background", 400),
+    ({"prompt": "a", "moderation": "none"}, "moderation", 400),
+    ({"prompt": "a", "colour": "red"}, "colour", 400),
     ({"prompt": "a", "model": "dall-e-3"}, "model", 404),
     ({"prompt": "a", "seed": -1}, "seed", 400),
 ])
@@ -129,6 +136,34 @@ def test_bad_requests_get_openai_errors(server, body, param, status):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and param in err["message"] and err["type"]
+
+
+@pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")])
+def test_output_format_is_honoured_and_the_other_standard_fields_accepted(server, fmt, magic):
+    r = gen(server["url"], prompt="a handwritten digit 4", seed=3, output_format=fmt, quality="high", style="natural",
+            background="auto", moderation="low", **({} if fmt == "png" else {"output_compression": 20}))
+    assert r.status_code == 200, r.text
+    raw = base64.b64decode(r.json()["data"][0]["b64_json"])
+    assert raw.startswith(magic) and r.json()["output_format"] == fmt
+    assert Image.open(io.BytesIO(raw)).size == (8, 8)
+
+
+def test_the_openai_client(server):
+    """The official client, as an application would call it (it sends a Bearer key; none is checked yet)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="unused", max_retries=0)
+    out = client.images.generate(prompt="a handwritten digit 6", n=2, size="32x32", quality="high",
+                                 extra_body={"seed": 4, "output_format": "webp"})
+    assert len(out.data) == 2 and Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).size == (32, 32)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(prompt="a handwritten digit 6", size="1024x1024")
+    assert info.value.body["param"] == "size"
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(prompt="a", model="dall-e-3")
+    with pytest.raises(openai.APIStatusError) as info:
+        client.images.edit(image=("a.png", b"\x89PNG", "image/png"), prompt="a")
+    assert info.value.status_code == 501
 
 
 def test_malformed_json(server):
@@ -157,6 +192,9 @@ def test_unknown_routes_and_methods_get_openai_errors(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error" and "detail" not in r.json()
     r = requests.get(f"{server['url']}/v1/images/generations", timeout=10)
     assert r.status_code == 405 and "GET" in r.json()["error"]["message"] and "POST" in r.headers["allow"]
+    for route in ("edits", "variations"):  # the Images API's other endpoints: refused, in the error shape
+        r = requests.post(f"{server['url']}/v1/images/{route}", files={"image": b"x"}, data={"prompt": "a"}, timeout=10)
+        assert r.status_code == 501 and "not supported" in r.json()["error"]["message"], r.text
 
 
 def test_overload_gets_503_quickly_and_stays_healthy(server):

@@ -59,8 +59,9 @@ def _upscaled(sample, scale: int):
 
 def run_images(pipe, jobs: list[GenerationJob], chunk: int) -> list[list[bytes]]:
     """Generate every job's images (or video) in network batches of exactly `chunk` samples (padding the
-    last chunk), so a result never depends on how requests were grouped. Returns PNGs (or one MP4) per job."""
-    from ..images import to_png_bytes
+    last chunk), so a result never depends on how requests were grouped. Returns each job's encoded images
+    (its output_format) or one MP4."""
+    from ..images import encode_images
     from ..video import to_mp4_bytes
 
     fps = pipe.spec.fps or 8.0
@@ -75,7 +76,9 @@ def run_images(pipe, jobs: list[GenerationJob], chunk: int) -> list[list[bytes]]
             images = pipe.render([p for _, p, _, _, _ in padded], params, [s for _, _, s, _, _ in padded])[:len(part)]
             for (j, _, _, _, scale), sample in zip(part, images):
                 sample = _upscaled(sample, scale)
-                out[j].append(to_mp4_bytes(sample, fps) if jobs[j].video else to_png_bytes(sample[None])[0])
+                job = jobs[j]
+                out[j].append(to_mp4_bytes(sample, fps) if job.video else
+                              encode_images(sample[None], job.output_format, job.output_compression)[0])
     return out
 
 

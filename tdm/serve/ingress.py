@@ -95,8 +95,9 @@ class TDMIngress:
             return JSONResponse(e.body(), status_code=e.status)
         except RequestError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": job.prompt} for png in result.images]
-        return JSONResponse({"created": int(time.time()), "model": result.model_id, "seed": job.seed, "data": data},
+        data = [{"b64_json": base64.b64encode(img).decode(), "revised_prompt": job.prompt} for img in result.images]
+        return JSONResponse({"created": int(time.time()), "model": result.model_id, "seed": job.seed,
+                             "output_format": job.output_format, "data": data},
                             headers={"x-tdm-model": result.model_id})
 
     # ------------------------------------------------------------------ videos (jobs)
@@ -185,6 +186,13 @@ class TDMIngress:
             return JSONResponse(e.body(), status_code=e.status)
         return Response(content, media_type="video/mp4",
                         headers={"content-disposition": f'inline; filename="{video_id}.mp4"'})
+
+    @app.post("/v1/images/edits")
+    @app.post("/v1/images/variations")
+    async def not_supported(self, request: Request):
+        err = RequestError(f"{request.url.path} is not supported: tdm models generate from text only; use "
+                           "POST /v1/images/generations", None, 501, "not_supported_error")
+        return JSONResponse(err.body(), status_code=501)
 
     @app.get("/v1/models")
     async def models(self):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..errors import ParamError
 from ..spec import GenerationParams, ModelSpec
@@ -22,7 +22,9 @@ API_PARAMS = {"num_inference_steps": "steps", "guidance_scale": "guidance_scale"
 
 
 class ImageRequest(BaseModel):
-    """OpenAI Images API `create` body, plus the extensions `steps` and `seed`."""
+    """OpenAI Images API `create` body, plus the extensions `steps` and `seed`. `output_format` and
+    `output_compression` are honoured; `quality`, `style`, `background` and `moderation` are checked
+    against the API's values and otherwise ignored (README, "Serving")."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,6 +33,12 @@ class ImageRequest(BaseModel):
     n: StrictInt = 1
     size: Optional[StrictStr] = None
     response_format: StrictStr = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: Optional[Annotated[StrictInt, Field(ge=0, le=100)]] = None
+    quality: Optional[Literal["auto", "standard", "hd", "low", "medium", "high"]] = None
+    style: Optional[Literal["vivid", "natural"]] = None
+    background: Optional[Literal["auto", "transparent", "opaque"]] = None
+    moderation: Optional[Literal["auto", "low"]] = None
     steps: Optional[StrictInt] = None
     seed: Optional[StrictInt] = None
     user: Optional[StrictStr] = None        # accepted for OpenAI client compatibility, unused
@@ -125,7 +133,9 @@ class GenerationJob:
     seed: int
     scale: int
     model_id: str           # the model it was validated against
-    video: bool = False     # an MP4 (the model's frames) instead of PNGs
+    video: bool = False     # an MP4 (the model's frames) instead of images
+    output_format: str = "png"                  # images: png, jpeg or webp (tdm.images.IMAGE_FORMATS)
+    output_compression: Optional[int] = None    # jpeg/webp: 0-100
 
 
 @dataclass(frozen=True)
@@ -216,8 +226,12 @@ def parse_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> Generatio
         what = "url responses are not supported (no image store); use b64_json" if req.response_format == "url" \
             else f"must be b64_json, got {req.response_format!r}"
         raise RequestError(f"response_format: {what}", "response_format")
+    if req.output_compression is not None and req.output_format == "png":
+        raise RequestError("output_compression: applies to jpeg and webp only (png is lossless)",
+                           "output_compression")
     prompt, params, seed, scale = _common(req, model, cfg)
-    return GenerationJob(prompt=prompt, n=req.n, params=params, seed=seed, scale=scale, model_id=model.id)
+    return GenerationJob(prompt=prompt, n=req.n, params=params, seed=seed, scale=scale, model_id=model.id,
+                         output_format=req.output_format, output_compression=req.output_compression)
 
 
 def parse_video_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> tuple[GenerationJob, VideoRequest]:
