@@ -10,7 +10,6 @@ import time
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,19 +27,13 @@ app = FastAPI(title="tdm", description="Few-step text-to-image and text-to-video
 
 # Registered before serve.ingress(app) below: the deployment takes the app as it is then.
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request, exc):  # noqa: ARG001 - FastAPI's handler signature
+async def _http_error(request, exc):
     """FastAPI's own refusals (unknown route 404, wrong method 405) in OpenAI's error shape."""
     kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-    what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    path = request.url.path[:200]  # echoed back: bounded
+    what = {404: f"no route {path}", 405: f"{request.method} is not allowed on {path}"}
     err = RequestError(what.get(exc.status_code, str(exc.detail)), None, exc.status_code, kind)
     return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request, exc):  # noqa: ARG001 - FastAPI's handler signature
-    loc = next(iter(exc.errors()), {}).get("loc", ())
-    param = str(loc[-1]) if loc else None
-    return JSONResponse(RequestError(f"{param}: invalid", param, 422).body(), status_code=422)
 
 
 @app.exception_handler(Exception)

@@ -171,9 +171,9 @@ def _body(raw: bytes, schema: type[BaseModel]):
         body = json.loads(raw, parse_constant=_non_finite)
     except RecursionError:
         raise RequestError("request body is nested too deeply") from None
+    except RequestError:                # a non-finite number (_non_finite)
+        raise
     except (ValueError, UnicodeDecodeError) as e:
-        if isinstance(e, RequestError):
-            raise
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
