@@ -81,7 +81,8 @@ def version_cache_key(mv) -> str:
 
 def download_model(mv) -> Path:
     """The pipeline directory of a registered model version, downloaded once per version into
-    $TDM_HOME/cache/models and reused (safe when several processes on a node race)."""
+    $TDM_HOME/cache/models and reused (safe when several processes on a node race). A failed download
+    leaves nothing behind: it goes to a temporary directory that is removed whatever happens."""
     import tempfile
 
     import mlflow
@@ -93,14 +94,56 @@ def download_model(mv) -> Path:
     target = cache / version_cache_key(mv)
     if not (target / "MLmodel").is_file():
         cache.mkdir(parents=True, exist_ok=True)
+        _remove_stale_downloads(cache)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
-        try:  # atomic publish of a complete download; targets are never partial
-            os.replace(local, target)
-        except OSError:  # another process on this node published it first
-            pass
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}",
+                                                        dst_path=str(tmp))
+            if not (Path(local) / "MLmodel").is_file():
+                raise FileNotFoundError(f"models:/{mv.name}/{mv.version}: the download holds no MLmodel")
+            try:  # atomic publish of a complete download; targets are never partial
+                os.replace(local, target)
+            except OSError:  # another process on this node published it first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return pipeline_dir(target)
+
+
+#: a .download-* directory older than this (seconds) belongs to a process that died mid-download
+STALE_DOWNLOAD_S = 6 * 3600
+
+
+def _remove_stale_downloads(cache: Path) -> None:
+    now = time.time()
+    for d in cache.glob(".download-*"):
+        try:
+            if now - d.stat().st_mtime > STALE_DOWNLOAD_S:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def cached_versions(name: str) -> list[tuple[int, Path]]:
+    """Complete downloads of registered model `name` in this node's cache, newest version first:
+    [(version, model directory)]. What serving falls back on when the registry is unreachable."""
+    found = []
+    for d in paths.cache_dir("models").glob(f"{name}--*--*"):
+        mname, version, _ = d.name.rsplit("--", 2)
+        if mname == name and version.isdigit() and (d / "MLmodel").is_file():
+            found.append((int(version), d))
+    return sorted(found, key=lambda vd: (vd[0], vd[1].stat().st_mtime), reverse=True)
+
+
+def prune_model_cache(name: str, keep: int, protect: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete all but the newest `keep` cached versions of `name` (never a directory in `protect`, e.g.
+    the one being served); returns the deleted directories."""
+    protected = {Path(p).resolve() for p in protect}
+    doomed = [d for _, d in cached_versions(name)[keep:]
+              if not any(p.is_relative_to(d.resolve()) for p in protected)]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    return doomed
 
 
 def pipeline_dir(model_dir: str | Path) -> Path:

@@ -1,5 +1,6 @@
 """Bad input to pipelines/distill.py: a one-line error naming the field, exit code 2, before any
 training, and nothing registered."""
+import json
 import os
 import subprocess
 import sys
@@ -115,10 +116,38 @@ def test_image_teacher_refuses_video_options(tmp_path, tiny_sd_dir):
     (["--poll-interval-s", "inf"], "--poll-interval-s: Input should be a finite number"),
     (["--batch-wait-timeout-s", "nan"], "--batch-wait-timeout-s: Input should be a finite number"),
     (["--max-batch-size", "0"], "--max-batch-size"),
+    (["--max-body-bytes", "10"], "--max-body-bytes: Input should be greater than or equal to 1024"),
+    (["--request-timeout-s", "0"], "--request-timeout-s: Input should be greater than 0"),
+    (["--request-timeout-s", "inf"], "--request-timeout-s"),
+    (["--max-queued-requests", "0"], "--max-queued-requests"),
+    (["--model-cache-versions", "0"], "--model-cache-versions"),
+    (["--dtype", "float8"], "--dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+    (["--load-retry-max-s", "-1"], "--load-retry-max-s"),
+    (["--batch-invariant", "maybe"], "--batch-invariant: Input should be a valid boolean"),
+    (["--max-prompt-chars", "1000000"], "--max-prompt-chars"),
+    # secure by default: a non-loopback address needs keys (checked without --print-config, which
+    # only prints)
+    (["--host", "0.0.0.0", "--no-print"], "--host 0.0.0.0: refusing to serve a non-loopback address without "
+                                          "API keys"),
 ])
 def test_bad_serve_options_fail_with_one_line(args, expected):
-    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "serve.py"), *args, "--print-config"],
-                          capture_output=True, text=True, timeout=60)
+    flags = [a for a in args if a != "--no-print"] + ([] if "--no-print" in args else ["--print-config"])
+    env = {k: v for k, v in os.environ.items() if k != "TDM_API_KEYS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "serve.py"), *flags],
+                          capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and expected in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_print_config_is_the_resolved_config():
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "serve.py"), "--max-batch-size", "16",
+                           "--batch-invariant", "--print-config"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    from tdm.serve import ServeConfig, build_app  # noqa: F401 - build_app: the args must be what it takes
+
+    args = json.loads(proc.stdout)["applications"][0]["args"]
+    resolved = ServeConfig(max_batch_size=16, batch_invariant=True).model_dump()
+    assert {k: args[k] for k in resolved} == resolved      # every option, defaults included
+    assert args["num_replicas"] == 1 and "derived deployment options" in proc.stderr
+    assert '"max_ongoing_requests": 32' in proc.stderr      # the generator takes two batches of 16

@@ -17,7 +17,8 @@ from k8s_helpers import K8S_VERSION, RAY_NAME_MAX, assert_valid, crd_validator, 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "tdm"
 RELEASE, NAMESPACE = "tdm", "ml"
-BUILD_APP_EXTRAS = {"num_replicas", "num_gpus", "num_cpus", "max_ongoing_requests", "max_queued_requests"}
+BUILD_APP_EXTRAS = {"num_replicas", "num_gpus", "num_cpus"}
+API_KEYS_DIR, API_KEYS_FILE = "/etc/tdm/api-keys", "/etc/tdm/api-keys/keys"
 
 GPU_IMAGE = {"repository": "registry.example.com/tdm-cuda", "tag": "0.1.0-cu128"}
 
@@ -37,7 +38,8 @@ SCENARIOS = {
             "workers": {"gpuNodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}},
         },
         "serve": {"modelName": "sdxl-tdm", "gpusPerReplica": 1, "numReplicas": 2, "cpusPerReplica": 4,
-                  "decoder": "madebyollin/taesd"},
+                  "decoder": "madebyollin/taesd", "dtype": "bfloat16", "batchInvariant": True,
+                  "modelCacheVersions": 2, "loadRetry": {"initialS": 0.5, "maxS": 600}},
     },
     "s3": {
         "s3": {"bucket": "tdm-data", "endpointUrl": "http://minio.minio.svc:9000",
@@ -61,8 +63,20 @@ SCENARIOS = {
     "autoscaling": {
         "serve": {"autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 6,
                                   "targetOngoingRequests": 3},
-                  "workingDir": "s3://tdm/code/tdm-0.1.0.zip", "maxBatchSize": 16, "maxQueuedRequests": -1,
-                  "upscaleFactors": [1, 4], "upgradeStrategy": "None"},
+                  "workingDir": "s3://tdm/code/tdm-0.1.0.zip", "maxBatchSize": 16, "maxQueuedRequests": 1000,
+                  "upscaleFactors": [1, 4], "upgradeStrategy": "None", "maxBodyBytes": 1 << 20,
+                  "requestTimeoutS": 60.5, "enableDocs": True},
+        "networkPolicy": {"serve": {"allowAll": True}},
+    },
+    # API keys from a Secret (mounted as a file), autoscaling so the head and the workers both carry it
+    "auth": {
+        "serve": {"auth": {"existingSecret": "tdm-api-keys", "secretKey": "keys.txt"},
+                  "autoscaling": {"enabled": True, "maxReplicas": 2}},
+        "networkPolicy": {"serve": {"sameNamespace": False,
+                                    "ingressController": {"namespaceSelector": {"matchLabels": {
+                                        "kubernetes.io/metadata.name": "traefik"}},
+                                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "traefik"}}},
+                                    "extraFrom": [{"ipBlock": {"cidr": "10.8.0.0/16"}}]}},
     },
 }
 #: the example values files shipped beside the chart, checked like the scenarios above
@@ -307,8 +321,14 @@ def _expected_serve_config(v: dict) -> dict:
             "poll_interval_s": s["pollIntervalS"], "max_batch_size": s["maxBatchSize"],
             "batch_wait_timeout_s": s["batchWaitTimeoutS"], "max_images_per_request": s["maxImagesPerRequest"],
             "max_prompt_chars": s["maxPromptChars"], "upscale_factors": s["upscaleFactors"],
+            "max_body_bytes": s["maxBodyBytes"], "request_timeout_s": s["requestTimeoutS"],
+            "batch_invariant": s["batchInvariant"], "dtype": s["dtype"],
+            "model_cache_versions": s["modelCacheVersions"], "enable_docs": s["enableDocs"],
+            "load_retry_initial_s": s["loadRetry"]["initialS"], "load_retry_max_s": s["loadRetry"]["maxS"],
             "num_gpus": s["gpusPerReplica"], "num_cpus": s["cpusPerReplica"],
-            "max_ongoing_requests": s["maxOngoingRequests"], "max_queued_requests": s["maxQueuedRequests"]}
+            "max_queued_requests": s["maxQueuedRequests"]}
+    if s["auth"]["existingSecret"]:             # the Secret's keys as a file; no key configured = 401
+        args |= {"api_keys_file": API_KEYS_FILE, "require_api_key": True}
     if not s["autoscaling"]["enabled"]:
         args["num_replicas"] = s["numReplicas"]
     if s["decoder"]:
@@ -352,7 +372,11 @@ def test_serve_config_is_what_tdm_builds(chart, scenario):
         assert set(dep.get("autoscaling_config", {})) <= set(AutoscalingConfig.model_fields)
         assert "num_replicas" not in dep
     assert ("num_replicas" in app["args"]) != bool(app.get("deployments"))
-    # the application builder accepts the args (ServeConfig forbids unknown keys)
+    # every ServeConfig option the chart sets is valid there (unknown keys are errors) ...
+    cfg = ServeConfig.model_validate({k: a for k, a in app["args"].items() if k not in BUILD_APP_EXTRAS})
+    assert cfg.require_api_key == bool(v["serve"]["auth"]["existingSecret"])
+    assert cfg.api_keys_file == (API_KEYS_FILE if v["serve"]["auth"]["existingSecret"] else None)
+    # ... and the application builder accepts the args
     build_app(app["args"])
 
 
@@ -413,13 +437,45 @@ def test_mlflow_server(chart, scenario):
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
 
 
+def expected_serve_sources(values: dict) -> list[dict] | None:
+    """The peers networkPolicy.serve admits to the serve port; None = anyone (allowAll)."""
+    n = values["networkPolicy"]["serve"]
+    if n["allowAll"]:
+        return None
+    peers = [{"podSelector": {}}] if n["sameNamespace"] else []
+    ic = n["ingressController"]
+    if ic["enabled"]:
+        peers.append({"namespaceSelector": ic["namespaceSelector"] or {}, "podSelector": ic["podSelector"] or {}})
+    return peers + n["extraFrom"]
+
+
+def serve_port_rules(policy: dict, port: int = 8000) -> list[dict]:
+    """The ingress rules of a policy that open the serve port."""
+    return [r for r in policy["ingress"] if {"port": port, "protocol": "TCP"} in r.get("ports", [])]
+
+
+def render_objects(chart, values: dict) -> list[dict]:
+    return [doc for path, text in chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True).items()
+            if not path.endswith("NOTES.txt") for doc in yaml.safe_load_all(text) if doc]
+
+
+def serve_policy(objs: list[dict]) -> dict:
+    (policy,) = [o["spec"] for o in objs
+                 if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == f"{RELEASE}-ray-serve"]
+    return policy
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_network_policies(chart, scenario):
     v = values_of(scenario)
     objs = objects(chart, scenario)
     policies = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
     serve = policies[f"{RELEASE}-ray-serve"]
-    assert any(r.get("ports") == [{"port": 8000, "protocol": "TCP"}] and "from" not in r for r in serve["ingress"])
+    # the serve port admits exactly networkPolicy.serve's sources (a rule without `from` admits anyone)
+    (rule,) = serve_port_rules(serve)
+    sources = expected_serve_sources(v)
+    assert rule == ({"ports": [{"port": 8000, "protocol": "TCP"}]} if sources is None else
+                    {"ports": [{"port": 8000, "protocol": "TCP"}], "from": sources})
     for name in (f"{RELEASE}-ray-distill", f"{RELEASE}-ray-serve"):
         egress_ports = {p["port"] for r in policies[name]["egress"] for p in r.get("ports", [])}
         assert 53 in egress_ports and 443 in egress_ports
@@ -440,6 +496,166 @@ def test_network_policies(chart, scenario):
             labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
             assert any(p["podSelector"]["matchLabels"].items() <= labels.items()
                        for p in policies.values() if "matchLabels" in p["podSelector"])
+
+
+def test_serve_port_admits_the_namespace_and_the_ingress_controller_by_default(chart):
+    (rule,) = serve_port_rules(serve_policy(objects(chart, "default")))
+    assert rule["from"] == [
+        {"podSelector": {}},                 # every pod of the release namespace (no namespaceSelector)
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}}]
+    # the other ingress rules are the cluster's own pods and the KubeRay operator, on their ports only
+    others = [r for r in serve_policy(objects(chart, "default"))["ingress"] if r is not rule]
+    assert all("from" in r and r["from"] for r in others)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ({"allowAll": True}, None),
+    ({"allowAll": True, "extraFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}, None),
+    ({"sameNamespace": False}, [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+                                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}}]),
+    ({"ingressController": {"enabled": False}, "extraFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+     [{"podSelector": {}}, {"ipBlock": {"cidr": "10.0.0.0/8"}}]),
+    ({"ingressController": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": None,
+                                                                  "team": "edge"}},
+                            "podSelector": None}},
+     [{"podSelector": {}}, {"namespaceSelector": {"matchLabels": {"team": "edge"}}, "podSelector": {}}]),
+    ({"sameNamespace": False, "ingressController": {"enabled": False}}, []),
+])
+def test_serve_port_sources_follow_the_values(chart, override, expected):
+    objs = render_objects(chart, {"networkPolicy": {"serve": override}})
+    rules = serve_port_rules(serve_policy(objs))
+    if expected is None:                      # allowAll: one rule on the port, from anywhere
+        assert rules == [{"ports": [{"port": 8000, "protocol": "TCP"}]}]
+    elif expected == []:                      # no source: no rule at all (an empty `from` would admit anyone)
+        assert rules == []
+    else:
+        assert rules == [{"ports": [{"port": 8000, "protocol": "TCP"}], "from": expected}]
+    for obj in ray_objects_last(objs):
+        assert_valid(obj)
+
+
+def _ray_containers(rayservice: dict):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["containers"]:
+            yield pod, c
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_api_keys_come_from_the_named_secret(chart, scenario):
+    from tdm.serve import ServeConfig
+
+    auth = values_of(scenario)["serve"]["auth"]
+    rs = one(objects(chart, scenario), "RayService")
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    args = app["args"]
+    containers = list(_ray_containers(rs))
+    assert len(containers) == 2                                       # head and workers: replicas run on both
+    for pod, c in containers:
+        volumes = {vol["name"]: vol for vol in pod["volumes"]}
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert "TDM_API_KEYS" not in env_of(c)                         # the file, not an env var (rotates live)
+        if auth["existingSecret"]:
+            assert volumes["api-keys"]["secret"] == {"secretName": auth["existingSecret"],
+                                                     "items": [{"key": auth["secretKey"], "path": "keys"}],
+                                                     "defaultMode": 0o440}
+            assert "optional" not in volumes["api-keys"]["secret"]   # a missing Secret keeps the pod pending
+            assert mounts["api-keys"] == {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True}
+            assert "subPath" not in mounts["api-keys"]               # a subPath mount never sees updates
+        else:
+            assert "api-keys" not in volumes and "api-keys" not in mounts
+    if auth["existingSecret"]:
+        assert (args["api_keys_file"], args["require_api_key"]) == (API_KEYS_FILE, True)
+        cfg = ServeConfig.model_validate({k: a for k, a in args.items() if k not in BUILD_APP_EXTRAS})
+        assert cfg.api_keys_file == API_KEYS_FILE and cfg.require_api_key is True
+    else:
+        assert "api_keys_file" not in args and "require_api_key" not in args
+
+
+def test_api_keys_secret_is_only_in_the_serve_cluster(chart):
+    objs = objects(chart, "auth")
+    for o in objs:
+        if o["kind"] != "RayService":
+            assert "tdm-api-keys" not in yaml.safe_dump(o), f"{o['kind']}/{o['metadata']['name']}"
+
+
+def notes(chart, scenario: str) -> str:
+    (text,) = [t for path, t in render(chart, scenario).items() if path.endswith("NOTES.txt")]
+    return text
+
+
+def test_notes_explain_auth(chart):
+    open_ = notes(chart, "default")
+    assert "WARNING: no API keys (serve.auth.existingSecret is empty)" in open_
+    assert "whoever networkPolicy.serve admits" in open_ and f"every pod in namespace {NAMESPACE}" in open_
+    assert "ingress-nginx" in open_
+    create = "create secret generic tdm-api-keys --from-literal=api-keys=$(openssl rand -hex 32)"
+    assert f"kubectl -n {NAMESPACE} {create}" in open_
+    assert "--set serve.auth.existingSecret=tdm-api-keys" in open_
+    assert "Authorization" not in open_
+    assert "anyone who can reach the pods (networkPolicy.serve.allowAll is true)" in notes(chart, "autoscaling")
+    keyed = notes(chart, "auth")
+    assert "WARNING" not in keyed
+    assert '"Authorization: Bearer <key>"' in keyed and '-H "Authorization: Bearer $KEY"' in keyed
+    assert "Secret\ntdm-api-keys, key keys.txt" in keyed and "commas or newlines" in keyed
+    assert "jsonpath='{.data.keys\\.txt}'" in keyed                  # a dot in the key is escaped
+    assert f"mounted at {API_KEYS_FILE}" in keyed and "no restart needed" in keyed
+    assert "add the new key, move the clients to it, then remove the old one" in keyed
+    assert 'create secret generic tdm-api-keys --from-literal=keys.txt="$OLD_KEY,$NEW_KEY"' in keyed
+
+
+def test_serve_value_bounds_are_serveconfigs():
+    """Every numeric or enumerated serve value the chart maps onto a ServeConfig field has that field's
+    bounds in values.schema.json, so `helm install` refuses what the application would refuse."""
+    import json
+
+    from tdm.serve import ServeConfig
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["serve"]["properties"]
+    fields = ServeConfig.model_json_schema()["properties"]
+    mapping = {"pollIntervalS": "poll_interval_s", "maxBatchSize": "max_batch_size",
+               "batchInvariant": "batch_invariant", "batchWaitTimeoutS": "batch_wait_timeout_s",
+               "maxImagesPerRequest": "max_images_per_request", "maxPromptChars": "max_prompt_chars",
+               "maxBodyBytes": "max_body_bytes", "requestTimeoutS": "request_timeout_s",
+               "maxQueuedRequests": "max_queued_requests", "enableDocs": "enable_docs",
+               "modelCacheVersions": "model_cache_versions", "dtype": "dtype",
+               "loadRetry.initialS": "load_retry_initial_s", "loadRetry.maxS": "load_retry_max_s",
+               "upscaleFactors": "upscale_factors", "videoStore.maxJobs": "video_store_max_jobs",
+               "videoStore.ttlS": "video_store_ttl_s", "videoStore.jobTimeoutS": "video_job_timeout_s"}
+    bound_keys = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "minItems")
+
+    def bounds(node: dict) -> dict:
+        out = {k: node[k] for k in bound_keys if k in node}
+        if out.get("type") == "integer" or "enum" in out:
+            out.pop("type", None)            # pydantic: "integer"; the enum says it all
+        if "items" in node:
+            out["items"] = bounds(node["items"])
+        return out
+
+    for value, field in mapping.items():
+        node = schema
+        *parents, leaf = value.split(".")
+        for part in parents:
+            node = node[part]["properties"]
+        chart_bounds, app_bounds = bounds(node[leaf]), bounds(fields[field])
+        if chart_bounds.get("type") == "number":
+            chart_bounds.pop("type")
+            assert app_bounds.pop("type") == "number", value
+        assert chart_bounds == app_bounds, f"serve.{value} vs ServeConfig.{field}"
+    # every ServeConfig field the chart sets from a value is in the mapping (the rest are set otherwise)
+    args = set(yaml.safe_load(chart_default_serve_config())["applications"][0]["args"]) - BUILD_APP_EXTRAS
+    assert args - set(mapping.values()) == {"model_uri", "tracking_uri"}
+
+
+def chart_default_serve_config() -> str:
+    c = helm.Chart.load(CHART)
+    try:
+        rs = c.render({}, name=RELEASE, namespace=NAMESPACE, is_install=True)["tdm/templates/rayservice.yaml"]
+    finally:
+        c.close()
+    return yaml.safe_load(rs)["spec"]["serveConfigV2"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -510,6 +726,33 @@ BAD_VALUES = {
     "upscale factor 0": ({"serve": {"upscaleFactors": [1, 0]}}, "'/serve/upscaleFactors/1': minimum"),
     "upscale factor twice": ({"serve": {"upscaleFactors": [2, 2]}}, "'/serve/upscaleFactors'"),
     "poll interval beyond a day": ({"serve": {"pollIntervalS": 1e9}}, "'/serve/pollIntervalS': maximum"),
+    "prompt limit beyond ServeConfig's": ({"serve": {"maxPromptChars": 100_001}}, "'/serve/maxPromptChars': maximum"),
+    "body limit below 1 KiB": ({"serve": {"maxBodyBytes": 1023}}, "'/serve/maxBodyBytes': minimum"),
+    "body limit beyond 64 MiB": ({"serve": {"maxBodyBytes": 64 * 2**20 + 1}}, "'/serve/maxBodyBytes': maximum"),
+    "request timeout 0": ({"serve": {"requestTimeoutS": 0}}, "'/serve/requestTimeoutS': exclusiveMinimum"),
+    "request timeout beyond an hour": ({"serve": {"requestTimeoutS": 3601}}, "'/serve/requestTimeoutS': maximum"),
+    "unbounded queue": ({"serve": {"maxQueuedRequests": -1}}, "'/serve/maxQueuedRequests': minimum"),
+    "queue beyond 100000": ({"serve": {"maxQueuedRequests": 100_001}}, "'/serve/maxQueuedRequests': maximum"),
+    "model cache of 0 versions": ({"serve": {"modelCacheVersions": 0}}, "'/serve/modelCacheVersions': minimum"),
+    "model cache of 101 versions": ({"serve": {"modelCacheVersions": 101}}, "'/serve/modelCacheVersions': maximum"),
+    "bad dtype": ({"serve": {"dtype": "fp8"}}, "'/serve/dtype'"),
+    "batchInvariant not a boolean": ({"serve": {"batchInvariant": "yes"}}, "'/serve/batchInvariant'"),
+    "load retry 0": ({"serve": {"loadRetry": {"initialS": 0}}}, "'/serve/loadRetry/initialS': exclusiveMinimum"),
+    "load retry beyond an hour": ({"serve": {"loadRetry": {"initialS": 3601}}}, "'/serve/loadRetry/initialS': maximum"),
+    "load retry max beyond a day": ({"serve": {"loadRetry": {"maxS": 86401}}}, "'/serve/loadRetry/maxS': maximum"),
+    "maxOngoingRequests is gone": ({"serve": {"maxOngoingRequests": 64}},
+                                   "additional properties 'maxOngoingRequests' not allowed"),
+    "auth Secret not a DNS subdomain": ({"serve": {"auth": {"existingSecret": "Tdm_Keys"}}},
+                                        "'/serve/auth/existingSecret'"),
+    "auth Secret key with a slash": ({"serve": {"auth": {"existingSecret": "k", "secretKey": "a/b"}}},
+                                     "'/serve/auth/secretKey'"),
+    "auth Secret key empty": ({"serve": {"auth": {"existingSecret": "k", "secretKey": ""}}}, "'/serve/auth/secretKey'"),
+    "unknown auth key": ({"serve": {"auth": {"insecureNoAuth": True}}}, "additional properties 'insecureNoAuth'"),
+    # networkPolicy.serveFrom became networkPolicy.serve.{allowAll,sameNamespace,ingressController,extraFrom}
+    "old serveFrom key": ({"networkPolicy": {"serveFrom": []}}, "additional properties 'serveFrom' not allowed"),
+    "unknown networkPolicy.serve key": ({"networkPolicy": {"serve": {"from": []}}}, "additional properties 'from'"),
+    "extraFrom not a list": ({"networkPolicy": {"serve": {"extraFrom": {"podSelector": {}}}}},
+                             "'/networkPolicy/serve/extraFrom'"),
 }
 
 

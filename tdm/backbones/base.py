@@ -233,6 +233,31 @@ class Backbone(ABC):
         f = 1 if self.vae is None else upsampling(self.vae)
         return h * f, w * f
 
+    def prompt_tokenizer(self) -> tuple[Any, int] | None:
+        """(tokenizer, limit in tokens) of the text encoder that reads the most of a prompt; None when the
+        family has no tokenizer limit. Default: the pipeline's `tokenizer`, bounded by the adapter's
+        `max_sequence_length` when it sets one, else by the tokenizer's own model_max_length."""
+        tok = getattr(self, "tokenizer", None) or getattr(getattr(self, "pipe", None), "tokenizer", None)
+        if tok is None:
+            return None
+        limit = getattr(self, "max_sequence_length", None) or getattr(tok, "model_max_length", None)
+        return (tok, int(limit)) if isinstance(limit, int) and 0 < limit < 100_000 else None
+
+    def readable_prompt(self, prompt: str) -> str:
+        """The part of `prompt` the model reads: all of it, or, past the text encoder's token limit
+        (prompt_tokenizer), its first tokens decoded back to text. Encoders truncate; serving reports
+        this as `revised_prompt` (README, "Serving: limits")."""
+        found = self.prompt_tokenizer()
+        if found is None:
+            return prompt
+        tok, limit = found
+        budget = limit - len(tok("", add_special_tokens=True)["input_ids"])  # BOS/EOS take their places
+        # truncate at budget + 1: enough to tell "too long", without the tokenizer's over-length warning
+        ids = tok(prompt, add_special_tokens=False, truncation=True, max_length=budget + 1)["input_ids"]
+        if len(ids) <= budget:
+            return prompt
+        return tok.decode(ids[:budget], skip_special_tokens=True).strip()
+
     def decoder_spec(self):
         """The tdm.spec.DecoderSpec of what `decode` uses (None for a pixel-space model)."""
         from ..spec import DecoderSpec

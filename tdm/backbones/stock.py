@@ -184,6 +184,14 @@ class SD3Backbone(DiTBackbone):
     def stock_call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
 
+    def prompt_tokenizer(self):
+        """T5 reads max_sequence_length tokens (its CLIP encoders read their 77); without T5, CLIP's."""
+        t5 = getattr(self.pipe, "tokenizer_3", None)
+        if t5 is None:
+            tok = self.pipe.tokenizer
+            return (tok, int(tok.model_max_length)) if tok is not None else None
+        return t5, self.max_sequence_length
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(list(prompts), None, None, device=self.device,

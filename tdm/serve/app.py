@@ -7,23 +7,36 @@ from .config import ServeConfig
 from .generator import TDMGenerator
 from .ingress import TDMIngress
 
+#: concurrent cheap requests (health, models, video status) an ingress replica takes beyond its bound
+INGRESS_HEADROOM = 32
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
+    """The Serve options each deployment gets from the serving config (README, "Serving: batching"):
+    - a generator replica takes two batches' worth of jobs (one running, one filling), so a batch of
+      max_batch_size can always fill; the rest wait in its queue, bounded by max_queued_requests;
+    - the ingress bounds generation requests itself (503 JSON with Retry-After at max_queued_requests),
+      so Ray's own limits sit above that bound and its plain-text 503 is never what a client sees."""
+    per_batch = max(cfg.max_batch_size, cfg.max_images_per_request)
+    return {"TDMGenerator": {"max_ongoing_requests": 2 * per_batch, "max_queued_requests": cfg.max_queued_requests},
+            "TDMIngress": {"max_ongoing_requests": cfg.max_queued_requests + INGRESS_HEADROOM,
+                           "max_queued_requests": -1}}
+
 
 def build_app(args: dict[str, Any] | None = None):
     """Application builder: `import_path: tdm.serve:build_app` with `args` = ServeConfig fields plus
     optional `num_replicas`, `num_gpus` and `num_cpus` (per generator replica; the ingress only
-    forwards requests and reserves no CPU), and the ingress queue bounds `max_ongoing_requests` and
-    `max_queued_requests` (beyond them, requests get HTTP 503 at once)."""
+    forwards requests and reserves no CPU). Queue bounds follow from the config (deployment_options)."""
     args = dict(args or {})
     replicas = args.pop("num_replicas", 1)
     gpus = args.pop("num_gpus", 0)
     cpus = args.pop("num_cpus", 1)
-    queued = args.pop("max_queued_requests", 64)
-    ongoing = args.pop("max_ongoing_requests", 64)
-    cfg = ServeConfig.model_validate(args).model_dump()
-    generator = TDMGenerator.options(num_replicas=replicas, user_config=cfg,
+    config = ServeConfig.model_validate(args)
+    cfg, opts = config.model_dump(), deployment_options(config)
+    generator = TDMGenerator.options(num_replicas=replicas, user_config=cfg, **opts["TDMGenerator"],
                                      ray_actor_options={"num_gpus": gpus, "num_cpus": cpus}).bind()
-    return TDMIngress.options(user_config=cfg, max_queued_requests=queued, ray_actor_options={"num_cpus": 0},
-                              max_ongoing_requests=ongoing).bind(generator)
+    return TDMIngress.options(user_config=cfg, ray_actor_options={"num_cpus": 0},
+                              **opts["TDMIngress"]).bind(generator)
 
 
 def serve_config(args: dict[str, Any] | None = None, name: str = "tdm", route_prefix: str = "/",

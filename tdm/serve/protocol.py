@@ -64,9 +64,11 @@ class RequestError(ValueError):
     """A client error: HTTP status, OpenAI error message and the offending parameter."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.headers, self.code = headers or {}, code
 
     @classmethod
     def from_param(cls, err: ParamError) -> "RequestError":
@@ -75,7 +77,7 @@ class RequestError(ValueError):
         return cls(f"{param}: {err.detail}", param)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class GenerationJob:
     video: bool = False     # an MP4 (the model's frames) instead of images
     output_format: str = "png"                  # images: png, jpeg or webp (tdm.images.IMAGE_FORMATS)
     output_compression: Optional[int] = None    # jpeg/webp: 0-100
+    pinned: bool = False    # the request named model_id exactly: no other version may answer it
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ class GenerationResult:
     model_id: str
     images: tuple[bytes, ...] = ()
     error: Optional[ParamError] = None
+    revised_prompt: Optional[str] = None    # the part of the prompt the model read (Backbone.readable_prompt)
 
 
 def _non_finite(name: str):
@@ -191,7 +195,8 @@ def _body(raw: bytes, schema: type[BaseModel]):
 
 
 def _common(req, model: ServedModel, cfg: ServeConfig):
-    """Checks every request shares: prompt, model, steps, seed, size. Returns (prompt, params, seed, scale)."""
+    """Checks every request shares: prompt, model, steps, seed, size. Returns (prompt, params, seed, scale,
+    pinned): pinned when `model` names the served version exactly (not its name or alias)."""
     prompt = req.prompt.strip()
     if not prompt:
         raise RequestError("prompt: must not be empty", "prompt")
@@ -211,7 +216,7 @@ def _common(req, model: ServedModel, cfg: ServeConfig):
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise RequestError("seed: must be in [0, 2^63)", "seed")
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "big")
-    return prompt, params, seed, cfg.upscale_factors[sizes.index(size)]
+    return prompt, params, seed, cfg.upscale_factors[sizes.index(size)], req.model == model.id
 
 
 def parse_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> GenerationJob:
@@ -229,9 +234,9 @@ def parse_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> Generatio
     if req.output_compression is not None and req.output_format == "png":
         raise RequestError("output_compression: applies to jpeg and webp only (png is lossless)",
                            "output_compression")
-    prompt, params, seed, scale = _common(req, model, cfg)
+    prompt, params, seed, scale, pinned = _common(req, model, cfg)
     return GenerationJob(prompt=prompt, n=req.n, params=params, seed=seed, scale=scale, model_id=model.id,
-                         output_format=req.output_format, output_compression=req.output_compression)
+                         output_format=req.output_format, output_compression=req.output_compression, pinned=pinned)
 
 
 def parse_video_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> tuple[GenerationJob, VideoRequest]:
@@ -251,6 +256,6 @@ def parse_video_request(raw: bytes, model: ServedModel, cfg: ServeConfig) -> tup
         if not abs(seconds * fps - frames) < 0.5:
             raise RequestError(f"seconds: this model generates {model.seconds} s ({frames} frames at {fps:g} fps), "
                                f"got {req.seconds}", "seconds")
-    prompt, params, seed, scale = _common(req, model, cfg)
+    prompt, params, seed, scale, pinned = _common(req, model, cfg)
     return GenerationJob(prompt=prompt, n=1, params=params, seed=seed, scale=scale, model_id=model.id,
-                         video=True), req
+                         video=True, pinned=pinned), req

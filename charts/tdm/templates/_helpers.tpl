@@ -146,6 +146,24 @@ app.kubernetes.io/part-of: tdm
       key: {{ $s3.credentialsSecret.secretAccessKeyKey }}
 {{- end -}}
 
+{{/* ------------------------------------------------------------------ network policy */}}
+
+{{/* The NetworkPolicyPeers admitted to the serve port (networkPolicy.serve, allowAll aside), a YAML list;
+     none renders no rule at all (a rule with an empty `from` would admit everyone). */}}
+{{- define "tdm.networkPolicy.serveFrom" -}}
+{{- $n := .Values.networkPolicy.serve -}}
+{{- $peers := list -}}
+{{- if $n.sameNamespace -}}
+{{- $peers = append $peers (dict "podSelector" dict) -}}
+{{- end -}}
+{{- $ic := $n.ingressController -}}
+{{- if $ic.enabled -}}
+{{- $peers = append $peers (dict "namespaceSelector" (default dict $ic.namespaceSelector) "podSelector" (default dict $ic.podSelector)) -}}
+{{- end -}}
+{{- $peers = concat $peers (default list $n.extraFrom) -}}
+{{- toYaml $peers -}}
+{{- end -}}
+
 {{/* ------------------------------------------------------------------ security */}}
 
 {{- define "tdm.podSecurityContext" -}}
@@ -270,6 +288,10 @@ seccompProfile:
 
 {{/* ------------------------------------------------------------------ serve config */}}
 
+{{/* Where the serve pods mount serve.auth.existingSecret, and the file (its key secretKey) tdm reads. */}}
+{{- define "tdm.serve.apiKeysDir" -}}/etc/tdm/api-keys{{- end -}}
+{{- define "tdm.serve.apiKeysFile" -}}{{ include "tdm.serve.apiKeysDir" . }}/keys{{- end -}}
+
 {{/* The Serve config of serveConfigV2: the structure tdm.serve.serve_config(args, name, route_prefix,
      working_dir) builds, plus applications[0].deployments for autoscaling. */}}
 {{- define "tdm.serve.config" -}}
@@ -284,11 +306,22 @@ seccompProfile:
     "batch_wait_timeout_s" $s.batchWaitTimeoutS
     "max_images_per_request" (int $s.maxImagesPerRequest)
     "max_prompt_chars" (int $s.maxPromptChars)
+    "max_body_bytes" (int $s.maxBodyBytes)
+    "request_timeout_s" $s.requestTimeoutS
+    "batch_invariant" $s.batchInvariant
+    "dtype" $s.dtype
+    "model_cache_versions" (int $s.modelCacheVersions)
+    "enable_docs" $s.enableDocs
+    "load_retry_initial_s" $s.loadRetry.initialS
+    "load_retry_max_s" $s.loadRetry.maxS
     "upscale_factors" $factors
     "num_gpus" $s.gpusPerReplica
     "num_cpus" $s.cpusPerReplica
-    "max_ongoing_requests" (int $s.maxOngoingRequests)
     "max_queued_requests" (int $s.maxQueuedRequests) -}}
+{{- if $s.auth.existingSecret -}}
+{{- $_ := set $args "api_keys_file" (include "tdm.serve.apiKeysFile" .) -}}
+{{- $_ := set $args "require_api_key" true -}}
+{{- end -}}
 {{- if not $s.autoscaling.enabled -}}
 {{- $_ := set $args "num_replicas" (int $s.numReplicas) -}}
 {{- end -}}
