@@ -150,4 +150,4 @@ def test_serve_print_config_is_the_resolved_config():
     resolved = ServeConfig(max_batch_size=16, batch_invariant=True).model_dump()
     assert {k: args[k] for k in resolved} == resolved      # every option, defaults included
     assert args["num_replicas"] == 1 and "derived deployment options" in proc.stderr
-    assert '"max_ongoing_requests": 32' in proc.stderr      # the generator takes two batches of 16
+    assert '"max_ongoing_requests": 96' in proc.stderr      # the generator: two batches of 16, plus 64 queued

@@ -69,7 +69,7 @@ def server(ray_cluster, tdm_home, tiny_toy_dir, tmp_path_factory):
     serve.run(build_app({"model_uri": f"models:/{MODEL}@champion", "poll_interval_s": 1, "max_batch_size": 4,
                          "upscale_factors": [1, 4], "batch_invariant": True}), name="tdm", route_prefix="/")
     serve.run(build_app({"model_uri": f"models:/{MODEL}/{v1.version}", "poll_interval_s": 0, "max_batch_size": 1,
-                         "max_queued_requests": 1}), name="small", route_prefix="/small")
+                         "max_queued_requests": 1, "body_timeout_s": 1}), name="small", route_prefix="/small")
     keys = tmp / "api-keys"
     keys.write_text("# rotated by hand\nkey-one\n")
     serve.run(build_app({"model_uri": f"models:/{MODEL}/{v1.version}", "poll_interval_s": 0,
@@ -417,3 +417,48 @@ def test_health_and_models_report_the_life_cycle(server):
     assert health["source"] == "registry" and health["pending"] is None
     listed = requests.get(f"{server['url']}/small/v1/models", timeout=10).json()
     assert listed["object"] == "list" and listed["serving"] == listed["data"][0]["id"]
+
+
+def test_a_body_that_does_not_arrive_is_408(server):
+    t0 = time.time()
+    status, headers, body = _raw(server["port"], _post_head("/small/v1/images/generations", 100), b'{"pro')
+    assert status == 408 and b"body_timeout_s" in body and time.time() - t0 < 10
+    # a client that gives up half-way through its body costs nothing either
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=10) as sock:
+        sock.sendall(_post_head("/small/v1/images/generations", 100) + b"\r\n" + b'{"prompt"')
+    assert gen(server["url"] + "/small", prompt="a handwritten digit 2").status_code == 200
+
+
+def test_a_model_replica_dying_under_load_gives_503s_not_500s(server):
+    """Fault injection: the generator actor of an app is killed while clients send requests. Requests
+    answer 200 or a JSON 503 (never a 500 or a hang), and Serve brings the app back."""
+    import ray
+
+    url = server["url"] + "/slow"
+    stop, codes = threading.Event(), []
+
+    def client(i):
+        while not stop.is_set():
+            r = gen(url, prompt="a handwritten digit 9", seed=i, timeout=60)
+            codes.append(r.status_code)
+            if r.status_code != 200:
+                assert r.json()["error"]["type"] == "server_error" and "Traceback" not in r.text
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if "slow" in a["name"] and "TDMGenerator" in a["name"]]
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and requests.get(f"{url}/healthz", timeout=10).status_code != 200:
+        time.sleep(1)
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert set(codes) <= {200, 503, 504} and 200 in codes, sorted(set(codes))
+    assert gen(url, prompt="a handwritten digit 9").status_code == 200

@@ -125,3 +125,47 @@ def test_start_up_with_the_registry_down_and_nothing_cached_is_not_ready(life):
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["type"] == "server_error" and "/healthz" in r.json()["error"]["message"]
     serve.delete("cold")
+
+
+def test_healthz_answers_at_once_while_a_replica_is_still_loading(life):
+    """A registry that accepts connections and never answers keeps the generator's first load busy (MLflow
+    waits out its timeouts); /healthz still answers within seconds, 503 with a status."""
+    import socket
+
+    from ray import serve
+
+    from tdm.serve import build_app
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)                      # accepts (the kernel does), never reads, never answers
+    down = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    app = build_app({"model_uri": f"models:/{MODEL}@champion", "tracking_uri": down, "poll_interval_s": 0})
+
+    def deploy():  # serve.run returns once the replicas are up, after the first load attempt
+        try:
+            serve.run(app, name="loading", route_prefix="/loading")
+        except Exception:  # noqa: BLE001 - deleted before it was up
+            pass
+
+    deployer = threading.Thread(target=deploy, daemon=True)
+    deployer.start()
+    try:
+        url = life["url"] + "/loading"
+        answers, deadline = [], time.time() + 60
+        while len(answers) < 3 and time.time() < deadline:
+            t0 = time.time()
+            r = requests.get(f"{url}/healthz", timeout=30)
+            if r.status_code == 404:     # the route is not up yet
+                time.sleep(0.5)
+                continue
+            answers.append((r.status_code, r.json(), time.time() - t0))
+        assert len(answers) == 3, answers
+        for code, body, took in answers:
+            assert code == 503 and body["status"] in ("loading", "unavailable") and took < 10, (code, body, took)
+        r = gen(url, prompt="a handwritten digit 5", timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    finally:
+        hole.close()                     # the registry now refuses: the load falls back on the cache
+        deployer.join(timeout=120)
+        serve.delete("loading")

@@ -130,3 +130,17 @@ def test_models_load_in_the_configured_dtype(tiny_toy_dir):
     params = model.spec.check_generation(None)
     images = pipe.render(["a handwritten digit 3"], params, [0])
     assert images.dtype == torch.float32 and torch.isfinite(images).all() and images.shape[-2:] == (8, 8)
+
+
+def test_queue_bounds_follow_from_the_config():
+    from tdm.serve import ServeConfig
+    from tdm.serve.app import INGRESS_HEADROOM, deployment_options
+
+    opts = deployment_options(ServeConfig(max_batch_size=48, max_images_per_request=4, max_queued_requests=100))
+    # two batches of 48 jobs (above the 32 that used to be hard-coded, so a batch of 48 can fill) plus
+    # the queue bound, so what the ingress lets through waits in the replica, not in Ray's router
+    assert opts["TDMGenerator"] == {"max_ongoing_requests": 96 + 100, "max_queued_requests": 100}
+    # the ingress's own bound (100) answers first, in JSON; Ray's queue in front of it is unbounded
+    assert opts["TDMIngress"] == {"max_ongoing_requests": 100 + INGRESS_HEADROOM, "max_queued_requests": -1}
+    assert deployment_options(ServeConfig(max_batch_size=1, max_images_per_request=4))["TDMGenerator"][
+        "max_ongoing_requests"] == 8 + 64

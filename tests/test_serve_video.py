@@ -173,9 +173,9 @@ def test_a_failing_job_is_reported_on_the_job_only():
     from tdm.serve.protocol import GenerationJob, GenerationResult
     from tdm.spec import GenerationParams
 
-    class Remote:
+    class Remote:  # a deployment method: .remote() gives an awaitable that can be cancelled
         def __init__(self, fn):
-            self.remote = fn
+            self.remote = lambda *args: asyncio.ensure_future(fn(*args))
 
     class FaultyGenerator:
         def __init__(self):

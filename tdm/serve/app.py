@@ -14,11 +14,14 @@ INGRESS_HEADROOM = 32
 def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
     """The Serve options each deployment gets from the serving config (README, "Serving: batching"):
     - a generator replica takes two batches' worth of jobs (one running, one filling), so a batch of
-      max_batch_size can always fill; the rest wait in its queue, bounded by max_queued_requests;
+      max_batch_size can always fill, plus the queue bound: jobs wait inside the replica, where the next
+      batch is formed, and the ingress's small calls (info, status) are never queued behind them in
+      Ray's router; beyond that Ray's queue (max_queued_requests) answers BackPressureError (a JSON 503);
     - the ingress bounds generation requests itself (503 JSON with Retry-After at max_queued_requests),
       so Ray's own limits sit above that bound and its plain-text 503 is never what a client sees."""
     per_batch = max(cfg.max_batch_size, cfg.max_images_per_request)
-    return {"TDMGenerator": {"max_ongoing_requests": 2 * per_batch, "max_queued_requests": cfg.max_queued_requests},
+    return {"TDMGenerator": {"max_ongoing_requests": 2 * per_batch + cfg.max_queued_requests,
+                             "max_queued_requests": cfg.max_queued_requests},
             "TDMIngress": {"max_ongoing_requests": cfg.max_queued_requests + INGRESS_HEADROOM,
                            "max_queued_requests": -1}}
 

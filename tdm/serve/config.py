@@ -22,8 +22,9 @@ class ServeConfig(BaseModel):
     batch_invariant: bool = Field(False, description="Pad every network batch to max_batch_size, so an image "
                                   "never depends on how requests were batched (bit-exact, costs compute at low "
                                   "load). Otherwise the same seed gives the same image at the same bucket size.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, allow_inf_nan=False,
-                                        description="How long a batch waits to fill up (seconds).")
+    batch_wait_timeout_s: float = Field(0.03, ge=0, le=10, allow_inf_nan=False,
+                                        description="How long a batch waits to fill up (seconds), when other "
+                                        "requests are about: a request that comes alone starts at once.")
     max_images_per_request: int = Field(4, ge=1, description="Upper bound of `n`.")
     max_prompt_chars: int = Field(1000, ge=1, le=100_000, description="Upper bound of the prompt length "
                                   "(characters); text past the model's token limit is truncated (revised_prompt).")
@@ -31,6 +32,9 @@ class ServeConfig(BaseModel):
                                 "a larger one is refused with 413 before it is read.")
     request_timeout_s: float = Field(300.0, gt=0, le=3600, allow_inf_nan=False, description="Deadline of a "
                                      "request (seconds), reading its body included; past it the answer is 504.")
+    body_timeout_s: float = Field(10.0, gt=0, le=3600, allow_inf_nan=False, description="Time a client has "
+                                  "to send its request body (seconds); past it the answer is 408, so slow "
+                                  "senders cannot hold the replica's slots.")
     max_queued_requests: int = Field(64, ge=1, le=100_000, description="Requests an ingress replica holds at "
                                      "once (running and waiting); beyond it requests get 503 with Retry-After.")
     api_keys_file: Optional[str] = Field(None, description="File of API keys, one per line (# comments); "

@@ -161,17 +161,15 @@ class TDMGenerator:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._inflight = 0                      # images of the generate() calls not yet answered
+        self._batches = (0, 0)                  # images in the last two batches (previous, last)
         if config is not None:
             self.reconfigure(config)
 
     def reconfigure(self, config: dict) -> None:
         cfg = ServeConfig.model_validate(config or {})
         old = self.cfg
-        self.cfg = cfg
-        # a batch holds whole requests, so it must fit the largest one; the network still runs on
-        # chunks of at most max_batch_size images
-        self._batch.set_max_batch_size(max(cfg.max_batch_size, cfg.max_images_per_request))
-        self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.cfg = cfg   # batch sizes and waits follow it from the next job on (_pace)
         identity = ("model_uri", "tracking_uri", "decoder", "dtype")
         if self.current is None or any(getattr(cfg, k) != getattr(old, k) for k in identity):
             with self._lock:
@@ -312,13 +310,38 @@ class TDMGenerator:
         return {"serving": None if model is None else model.id, "source": self.source,
                 "pending": self.pending, "last_error": self.last_error}
 
+    def _pace(self, job: GenerationJob) -> None:
+        """Size the next batch to the load (README, "Serving: batching"). A batch waits
+        batch_wait_timeout_s for company only when company is likely: the previous batch held more than
+        this job, or other jobs are in the replica. Otherwise (one client at a time) it starts at once:
+        waiting for nobody is what made batching cost more than it saved at low load. It also stops
+        waiting once it holds as many images as that company, instead of waiting for max_batch_size.
+        Ray reads both settings when a batch's first job arrives, so they are set just before."""
+        cfg = self.cfg
+        prev, last = self._batches
+        # a batch smaller than the one before means the load split into groups that miss each other
+        # (3 + 1 + 3 + 1 ... at four clients): wait for both, so they merge again
+        company = max(self._inflight + job.n, last + prev if last < prev else last)
+        # a batch holds whole requests, so it must fit the largest one; the network still runs on
+        # chunks of at most max_batch_size images
+        limit = max(cfg.max_batch_size, cfg.max_images_per_request)
+        # never below the largest request: a job bigger than the batch limit would be refused by Ray
+        self._batch.set_max_batch_size(max(cfg.max_images_per_request, min(limit, company)))
+        self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s if company > job.n else 0.0)
+
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """One job's images (or the ParamError that refused it), batched with concurrent jobs."""
-        return await self._batch(job)
+        self._pace(job)
+        self._inflight += job.n
+        try:
+            return await self._batch(job)
+        finally:
+            self._inflight -= job.n
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=lambda jobs: sum(j.n for j in jobs))
     async def _batch(self, jobs: list[GenerationJob]) -> list[GenerationResult]:
         pipe, model = self.current  # one model for the whole batch, even if a swap lands meanwhile
+        self._batches = (self._batches[1], sum(j.n for j in jobs))
         checked: list[GenerationJob | ParamError] = []
         for job in jobs:
             if job.video != model.is_video:  # a swap replaced a video model by an image model, or the reverse

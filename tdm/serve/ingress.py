@@ -19,8 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ParamError, first_line
 from .auth import APIKeys
@@ -65,9 +67,10 @@ def unavailable(message: str, retry_after_s: float = 1.0) -> RequestError:
     return RequestError(message, None, 503, "server_error", {"Retry-After": str(max(1, round(retry_after_s)))})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` bytes: from
-    Content-Length before reading anything, else while it streams in (chunked uploads)."""
+    Content-Length before reading anything, else while it streams in (chunked uploads); 408 when it
+    has not arrived within `timeout_s`."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -75,11 +78,18 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise RequestError(f"request body: {int(declared)} bytes, more than the limit of {limit}", None, 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"request body: more than the limit of {limit} bytes", None, 413)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(f"request body: more than the limit of {limit} bytes", None, 413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(f"request body: not received within {timeout_s:g} s (body_timeout_s)", None,
+                           408) from None
+    except ClientDisconnect:
+        raise RequestError("request body: the client closed the connection before sending it all") from None
     return b"".join(chunks)
 
 
@@ -107,6 +117,7 @@ class TDMIngress:
         self.keys = APIKeys(self.cfg.api_keys_file, required=self.cfg.require_api_key)
         self._model: ServedModel | None = None
         self._model_at = 0.0
+        self._refresh: asyncio.Task | None = None    # a background refresh of _model
         self._held = 0                                # generation requests in this replica now
         self.store: JobStore = self._open_store()
         self._tasks: set[asyncio.Task] = set()      # running video jobs (a reference keeps each alive)
@@ -154,16 +165,27 @@ class TDMIngress:
             return _error(unavailable("overloaded: the model replicas' queues are full; try again shortly"))
         except DeploymentUnavailableError:
             return _error(unavailable("no model replica is running; try again shortly", 5))
+        except RayActorError:       # the model replica died under this request; Serve starts another
+            log.warning("tdm: a model replica died during a request")
+            return _error(unavailable("the model replica serving this request failed; try again shortly", 5))
+
+    async def _refresh_model(self) -> ServedModel | None:
+        try:
+            self._model = await ask(self.generator.info, timeout_s=ASK_TIMEOUT_S)
+        except (TimeoutError, DeploymentUnavailableError, BackPressureError, RayActorError):
+            self._model = None
+        self._model_at = time.monotonic()
+        return self._model
 
     async def served_model(self, refresh: bool = False) -> ServedModel:
-        """The served model, refreshed at most once a second (asking the generator on every request would
-        put a second round trip in front of each batch slot); 503 when none is ready."""
-        if refresh or self._model is None or time.monotonic() - self._model_at > 1.0:
-            try:
-                self._model = await ask(self.generator.info, timeout_s=ASK_TIMEOUT_S)
-            except TimeoutError:
-                self._model = None
-            self._model_at = time.monotonic()
+        """The served model, as the generator last said (asking on every request would put a second round
+        trip in front of each batch slot): a view older than a second is refreshed in the background while
+        requests go on with it; 503 when no model is known to be ready."""
+        stale = time.monotonic() - self._model_at > 1.0
+        if refresh or self._model is None:
+            await self._refresh_model()
+        elif stale and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self._refresh_model())
         if self._model is None:
             raise unavailable("no model is ready yet (loading, or its version failed to load: see /healthz)",
                               self.cfg.load_retry_initial_s)
@@ -172,7 +194,7 @@ class TDMIngress:
     async def _validated(self, request: Request, parse):
         """The body parsed against the served model; a request naming a version the cached model view
         does not know is checked once more against a fresh one (a swap may just have landed)."""
-        raw = await read_body(request, self.cfg.max_body_bytes)
+        raw = await read_body(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
         try:
             return parse(raw, await self.served_model())
         except RequestError as e:
@@ -289,7 +311,7 @@ class TDMIngress:
         """A generator replica's status (tdm.serve.generator.TDMGenerator.status), or why there is none."""
         try:
             return await ask(self.generator.status, timeout_s=ASK_TIMEOUT_S)
-        except (TimeoutError, DeploymentUnavailableError, BackPressureError):
+        except (TimeoutError, DeploymentUnavailableError, BackPressureError, RayActorError):
             return {"serving": None, "source": None, "pending": None,
                     "last_error": {"model": None, "message": "no generator replica answered within "
                                    f"{ASK_TIMEOUT_S:g} s (starting, or loading its model)", "at": int(time.time())}}
@@ -319,20 +341,19 @@ class TDMIngress:
         return JSONResponse({"status": state, "model": None, **status}, status_code=503,
                             headers={"Retry-After": "5"})
 
-    @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(self, request: Request):
+    def _docs(self, request: Request, page):
+        """/docs and /openapi.json: 404 unless enable_docs, and keyed like the API."""
         async def work():
             if not self.cfg.enable_docs:
                 raise RequestError(f"no route {request.url.path[:200]} (enable_docs is off)", None, 404,
                                    "not_found_error")
-            return JSONResponse(app.openapi())
-        return await self._guarded(request, work)
+            return page()
+        return self._guarded(request, work)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        return await self._docs(request, lambda: JSONResponse(app.openapi()))
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self, request: Request):
-        async def work():
-            if not self.cfg.enable_docs:
-                raise RequestError(f"no route {request.url.path[:200]} (enable_docs is off)", None, 404,
-                                   "not_found_error")
-            return get_swagger_ui_html(openapi_url="openapi.json", title="tdm API")
-        return await self._guarded(request, work)
+        return await self._docs(request, lambda: get_swagger_ui_html(openapi_url="openapi.json", title="tdm API"))

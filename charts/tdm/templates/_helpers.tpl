@@ -308,6 +308,7 @@ seccompProfile:
     "max_prompt_chars" (int $s.maxPromptChars)
     "max_body_bytes" (int $s.maxBodyBytes)
     "request_timeout_s" $s.requestTimeoutS
+    "body_timeout_s" $s.bodyTimeoutS
     "batch_invariant" $s.batchInvariant
     "dtype" $s.dtype
     "model_cache_versions" (int $s.modelCacheVersions)
