@@ -18,7 +18,7 @@ from pathlib import Path
 from . import __version__
 from .config import TDMConfig, flatten, load_config
 from .console import log
-from .errors import ConfigError, TeacherChangedError
+from .errors import ConfigError, InputError, TeacherChangedError
 from .spec import ModelSpec, TeacherRef, WorkerSpec
 
 TEACHER_TAG = "tdm.teacher"                 # the run's pinned teacher location
@@ -43,6 +43,7 @@ def distill(cfg: TDMConfig) -> dict:
     from .paths import runs_dir
     from .preflight import (
         check_grids,
+        check_run_checkpoints,
         check_storage,
         check_video,
         run_prompts,
@@ -59,6 +60,7 @@ def distill(cfg: TDMConfig) -> dict:
     teacher = None if cfg.toy_kind else resolve_teacher(cfg.teacher.uri)
     prompts = run_prompts(cfg)
     storage = check_storage(cfg.train.storage_path or str(runs_dir()))
+    check_run_checkpoints(storage, cfg.name)
     pipeline_class = teacher_pipeline_class(teacher, tracking_uri)
     check_grids(cfg, teacher_scheduler_config(teacher, tracking_uri, cfg.toy_kind), pipeline_class)
     check_video(cfg, teacher, pipeline_class, tracking_uri)
@@ -263,15 +265,19 @@ def register_checkpoint(uri: str, configure=None) -> dict:
     from ray.train import Checkpoint
 
     from .cluster import init_ray, worker_cpus
+    from .statefile import check_checkpoint_dir
     from .teacher import resolve_teacher
     from .tracking import find_run, get_or_create_experiment, use_tracking_uri
     from .train import META_FILE
 
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).expanduser().resolve()))
+        check_checkpoint_dir(fs, path, "--checkpoint")
         with fs.open_input_stream(f"{path}/{META_FILE}") as f:
             meta = json.loads(f.read())
     except (OSError, ValueError) as e:
+        if isinstance(e, InputError):  # a refused checkpoint (a pickle): its own message
+            raise
         raise ConfigError(f"--checkpoint: {uri} is not a readable tdm checkpoint ({e})") from None
     cfg = configure(meta["config"]) if configure is not None else load_config(meta["config"])
     tracking_uri = use_tracking_uri()

@@ -165,3 +165,20 @@ def check_storage(storage: str) -> str:
     except OSError as e:
         raise ConfigError(f"train.storage_path: cannot write to {path}: {e.strerror or e}") from None
     return str(path)
+
+
+def check_run_checkpoints(storage: str, name: str) -> None:
+    """Before a resume: every checkpoint of run `name` under `storage` is in the pickle-free format
+    (tdm.statefile), so the workers never meet a pickle; ConfigError naming the directory otherwise."""
+    import pyarrow.fs
+
+    from .statefile import check_checkpoint_dir
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+        found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
+    except OSError as e:
+        raise ConfigError(f"train.storage_path: cannot list {storage}/{name}: {first_line(e)}") from None
+    for info in found:
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            check_checkpoint_dir(fs, info.path, "train.storage_path")

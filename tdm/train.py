@@ -23,8 +23,8 @@ from .console import progress
 from .distiller import EMA, TDMDistiller, allreduce_mean
 from .errors import TeacherChangedError
 from .spec import TeacherRef, WorkerSpec, checkpoint_dir_name, student_spec
+from .statefile import load_state, save_state
 
-STATE_FILE = "state.pt"
 META_FILE = "meta.json"   # small JSON next to the state: step, teacher, run id, config, spec, metrics
 
 
@@ -120,7 +120,8 @@ def build_roles(cfg: TDMConfig, backbone):
 
 
 def load_state_file(directory: str | Path) -> dict:
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    """A checkpoint's training state, read without pickle (tdm.statefile); CheckpointFormatError otherwise."""
+    return load_state(directory)
 
 
 def student_from_state(cfg: TDMConfig, backbone, state: dict):
@@ -282,7 +283,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     described = {"teacher": ws.teacher.model_dump(), "spec": spec.model_dump(mode="json")}
-                    torch.save(state.state_dict(done, cfg, described), Path(tmp) / STATE_FILE)
+                    save_state(tmp, state.state_dict(done, cfg, described))
                     # small, human-readable description next to the state (read without loading weights)
                     (Path(tmp) / META_FILE).write_text(json.dumps({
                         "step": done, "run_id": ws.run_id, "config": cfg.model_dump(mode="json"), **described,

@@ -8,7 +8,8 @@ import torch
 from tdm.backbones import load_backbone
 from tdm.config import load_config
 from tdm.distiller import TDMDistiller
-from tdm.train import STATE_FILE, build_roles, load_state_file, lr_factor, step_seed, student_from_state
+from tdm.statefile import save_state
+from tdm.train import build_roles, load_state_file, lr_factor, step_seed, student_from_state
 
 
 def test_lr_factor_hand_values():
@@ -61,7 +62,7 @@ def test_checkpoint_round_trip_restores_every_piece(tiny_toy_dir, tmp_path):
     np.random.seed(7)
     random.seed(9)
     saved = st.state_dict(2, cfg, {"spec": {"kind": "student"}})
-    torch.save(saved, tmp_path / STATE_FILE)
+    save_state(tmp_path, saved)
     assert saved["opt_student"]["state"] and "exp_avg_sq" in saved["opt_student"]["state"][0]
 
     torch.manual_seed(0)
@@ -112,7 +113,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_toy_dir, tmp_path):
     straight = run(d, range(6))
     d, st = make()
     first = run(d, range(3))
-    torch.save(st.state_dict(3, cfg, {}), tmp_path / STATE_FILE)
+    save_state(tmp_path, st.state_dict(3, cfg, {}))
     d, st = make()
     assert st.load_state_dict(load_state_file(tmp_path)) == 3
     resumed = first + run(d, range(3, 6))

@@ -82,5 +82,5 @@ def load_decoder(location: str | Path, device="cpu", dtype=torch.float32, field:
     name = config.get("_class_name")
     if name not in DECODER_CLASSES:
         raise InputError(f"{field}: {location} holds a {name!r}; allowed: {_allowed()}")
-    vae = getattr(diffusers, name).from_pretrained(path, torch_dtype=dtype)
+    vae = getattr(diffusers, name).from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
     return vae.to(device).eval().requires_grad_(False)

@@ -48,7 +48,8 @@ class StockPipelineBackbone(Backbone):
         import diffusers
 
         pipe_cls = getattr(diffusers, model_index["_class_name"])
-        return cls(pipe_cls.from_pretrained(str(path), torch_dtype=dtype)).to(device)
+        # safetensors only: a pickled .bin in a model directory is refused, never unpickled
+        return cls(pipe_cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)).to(device)
 
     def modules(self) -> dict[str, nn.Module]:
         return {k: v for k, v in self.pipe.components.items() if isinstance(v, nn.Module)}

@@ -42,10 +42,12 @@ class UNetBackbone(Backbone):
         from transformers import AutoTokenizer, CLIPTextModel
 
         path = str(path)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+        # safetensors only: a pickled .bin in a model directory is refused, never unpickled
+        weights = {"torch_dtype": dtype, "use_safetensors": True}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if "vae" in model_index and \
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights) if "vae" in model_index and \
             model_index["vae"][0] is not None else None
         from diffusers import DDPMScheduler
 

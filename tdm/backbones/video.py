@@ -155,7 +155,8 @@ class VideoBackbone(StockPipelineBackbone):
         """The diffusers pipeline object of a directory."""
         import diffusers
 
-        return getattr(diffusers, model_index["_class_name"]).from_pretrained(str(path), torch_dtype=dtype)
+        return getattr(diffusers, model_index["_class_name"]).from_pretrained(str(path), torch_dtype=dtype,
+                                                                              use_safetensors=True)
 
     @classmethod
     def family_shape(cls, pipe) -> VideoShape:

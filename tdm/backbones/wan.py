@@ -97,9 +97,9 @@ class WanBackbone(VideoBackbone):
         path = str(path)
         return WanPipeline(tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
                            text_encoder=UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder",
-                                                                         torch_dtype=dtype),
+                                                                         torch_dtype=dtype, use_safetensors=True),
                            transformer=WanTransformer3DModel.from_pretrained(path, subfolder="transformer",
-                                                                             torch_dtype=dtype),
+                                                                             torch_dtype=dtype, use_safetensors=True),
                            vae=None,
                            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"))
 

@@ -88,7 +88,7 @@ class ClipEvaluator(Evaluator):
             config = AutoConfig.from_pretrained(ref)
             if getattr(config, "model_type", None) != "clip":
                 raise ValueError(f"model_type is {getattr(config, 'model_type', None)!r}, not 'clip'")
-            self.model = CLIPModel.from_pretrained(ref, dtype=dtype).to(device).eval()
+            self.model = CLIPModel.from_pretrained(ref, dtype=dtype, use_safetensors=True).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(ref)
         except Exception as e:  # noqa: BLE001 - one clear error naming the config key
             raise InputError(f"eval.clip_model: cannot load {model!r}: {first_line(e)}") from e

@@ -105,16 +105,20 @@ def run_images(pipe, jobs: list[GenerationJob], chunk: int, invariant: bool = Fa
     return out
 
 
-def run_isolated(pipe, jobs: list[GenerationJob], chunk: int, invariant: bool = False
-                 ) -> list[list[bytes] | ParamError]:
+def run_isolated(pipe, jobs: list[GenerationJob], chunk: int, invariant: bool = False,
+                 counts: dict[str, int] | None = None) -> list[list[bytes] | ParamError]:
     """`run_images`, with a failure confined to the job that caused it: when the batched call raises,
     each job runs again alone (batch-invariant: the same images; else at its own bucket size), and a job
     that fails alone gets a ParamError instead of images. Validation in the ingress refuses the inputs
-    known to break a model (tdm.serve.protocol); this catches the ones nobody foresaw."""
+    known to break a model (tdm.serve.protocol); this catches the ones nobody foresaw. `counts` (if given)
+    counts the batches of several jobs run again one by one ("isolated_batches") and the jobs that failed
+    ("failed_jobs")."""
+    counts = counts if counts is not None else {}
     try:
         return list(run_images(pipe, jobs, chunk, invariant))
     except Exception as e:  # noqa: BLE001 - whichever job broke the batch must not take the others with it
         log.warning("tdm: a batch of %d jobs failed (%s); running them one by one", len(jobs), type(e).__name__)
+        counts["isolated_batches"] = counts.get("isolated_batches", 0) + (len(jobs) > 1)
     out: list[list[bytes] | ParamError] = []
     for job in jobs:
         try:
@@ -122,6 +126,7 @@ def run_isolated(pipe, jobs: list[GenerationJob], chunk: int, invariant: bool = 
         except Exception:  # noqa: BLE001 - reported on this request only
             log.exception("tdm: a job failed on its own (prompt of %d characters)", len(job.prompt))
             out.append(ParamError("prompt", "the model failed to generate this request"))
+            counts["failed_jobs"] = counts.get("failed_jobs", 0) + 1
     return out
 
 
@@ -163,6 +168,7 @@ class TDMGenerator:
         self._thread: threading.Thread | None = None
         self._inflight = 0                      # images of the generate() calls not yet answered
         self._batches = (0, 0)                  # images in the last two batches (previous, last)
+        self.counts = {"batches": 0, "isolated_batches": 0, "failed_jobs": 0}   # since the replica started
         if config is not None:
             self.reconfigure(config)
 
@@ -308,7 +314,7 @@ class TDMGenerator:
         """What this replica serves, from where, what it is trying to load and the last error."""
         model = self.info()
         return {"serving": None if model is None else model.id, "source": self.source,
-                "pending": self.pending, "last_error": self.last_error}
+                "pending": self.pending, "last_error": self.last_error, "counts": dict(self.counts)}
 
     def _pace(self, job: GenerationJob) -> None:
         """Size the next batch to the load (README, "Serving: batching"). A batch waits
@@ -365,7 +371,8 @@ class TDMGenerator:
         # batches never fill (2 cores: 18 img/s in a thread vs 59 img/s here, 160 queued requests).
         # Requests arriving meanwhile wait in the replica's queue and form the next batch.
         cfg = self.cfg
-        ran = iter(run_isolated(pipe, ok, cfg.max_batch_size, cfg.batch_invariant)) if ok else iter(())
+        self.counts["batches"] += 1
+        ran = iter(run_isolated(pipe, ok, cfg.max_batch_size, cfg.batch_invariant, self.counts)) if ok else iter(())
         out = []
         for j in checked:
             r = next(ran) if isinstance(j, GenerationJob) else j

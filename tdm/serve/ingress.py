@@ -312,7 +312,7 @@ class TDMIngress:
         try:
             return await ask(self.generator.status, timeout_s=ASK_TIMEOUT_S)
         except (TimeoutError, DeploymentUnavailableError, BackPressureError, RayActorError):
-            return {"serving": None, "source": None, "pending": None,
+            return {"serving": None, "source": None, "pending": None, "counts": None,
                     "last_error": {"model": None, "message": "no generator replica answered within "
                                    f"{ASK_TIMEOUT_S:g} s (starting, or loading its model)", "at": int(time.time())}}
 
