@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     from tdm.serve.app import deployment_options
     from tdm.serve.auth import ENV
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # a flag names an option exactly
     for name, field in ServeConfig.model_fields.items():
         # a bare --flag means true; its value is ServeConfig's to check (one line naming the flag)
         extra = {"nargs": "?", "const": "true"} if field.annotation is bool else {}

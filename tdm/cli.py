@@ -47,10 +47,18 @@ def _parse_value(raw: str, ann) -> Any:
     return raw
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the flag (--help lists them all)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    # allow_abbrev=False: a flag must name a field exactly (--train.max_step 10 must not run a 10-step job)
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [--config FILE] [--section.field VALUE ...]",
-                                argument_default=argparse.SUPPRESS)
+                                argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--config", help="YAML or JSON file with a (partial) nested config; flags override it.")
     p.add_argument("--preset", metavar="NAME", help=f"Published settings to start from, before --config and flags "
                    f"(tdm.presets: {', '.join(sorted(PRESETS))}).")
@@ -81,7 +89,14 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> TDMC
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"--config: file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"--config: {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config: {path} must contain a mapping of config sections")
         for section, values in loaded.items():

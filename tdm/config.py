@@ -9,15 +9,39 @@ The command line over this schema is `tdm.cli`.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence
+import re
+from typing import Annotated, Any, Literal, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError, validation_message
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no config field takes inf or NaN: they pass a `ge=0` bound and fail late (or never: NaN < x is False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _safe_name(name: str | None) -> str | None:
+    """Run and model names: one path segment (checkpoints live under <storage>/<name>) that MLflow's search
+    filters take as a quoted literal: letters, digits, '.', '_', '-', starting with a letter or digit, no
+    '..', at most 128 characters."""
+    if name is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name):
+        raise ValueError(f"{name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit, no "
+                         "'..', at most 128 characters)")
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+
+def _reserved_alias(alias: str) -> str:
+    """MLflow reserves the alias `latest` and aliases of the form v<digits> (version references)."""
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ValueError(f"{alias!r} is reserved by MLflow (latest and v<number> name versions); choose another alias")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", alias):
+        raise ValueError(f"{alias!r}: letters, digits, '_' and '-' only")
+    return alias
 
 
 def grid_problem(grid: Sequence[float], num_steps: int) -> str | None:
@@ -39,7 +63,8 @@ class TeacherConfig(Section):
 class ToyConfig(Section):
     """Training of the embedded toy teacher (used only when teacher.uri is 'toy')."""
 
-    model_name: str = Field("tdm-toy-teacher", description="Registered model name of the toy teacher.")
+    model_name: SafeName = Field("tdm-toy-teacher",
+                            description="Registered model name of the toy teacher.")
     train_steps: int = Field(1000, ge=1, description="Optimizer steps of the toy teacher's diffusion training.")
     channels: tuple[int, int] = Field((24, 48), description="UNet channels of the toy teacher's two levels "
                                       "(8x8 and 4x4, cross-attention at 4x4); multiples of 8.")
@@ -64,7 +89,8 @@ class ToyVideoConfig(Section):
     """Training of the embedded toy video teacher (used only when teacher.uri is 'toy-video'): a tiny
     WanTransformer3DModel in pixel space on moving digits (tdm.toy.video)."""
 
-    model_name: str = Field("tdm-toy-video-teacher", description="Registered model name of the toy video teacher.")
+    model_name: SafeName = Field("tdm-toy-video-teacher",
+                            description="Registered model name of the toy video teacher.")
     train_steps: int = Field(4000, ge=1, description="Optimizer steps of the toy video teacher's flow training.")
     heads: int = Field(2, ge=1, description="Attention heads of the toy video transformer.")
     head_dim: int = Field(32, ge=6, description="Width of each head; Wan's 3D rotary embedding gives height and "
@@ -270,9 +296,11 @@ TOY_VIDEO_DEFAULTS: dict[str, dict[str, Any]] = {
 
 class RegistryConfig(Section):
     experiment: str = Field("tdm", description="MLflow experiment.")
-    model_name: str = Field("tdm-student", description="Registered model name of the student (default "
-                            "'tdm-video-student' for teacher.uri toy-video).")
-    alias: str = Field("champion", description="Alias set on a version that passes the gate.")
+    model_name: SafeName = Field("tdm-student", description="Registered model name of the student "
+                            "(default 'tdm-video-student' for teacher.uri toy-video).")
+    alias: Annotated[str, AfterValidator(_reserved_alias)] = Field(
+        "champion", description="Alias set on a version that passes the gate (not `latest` or v<number>, which "
+                                "MLflow reserves).")
 
 
 class DataConfig(Section):
@@ -289,7 +317,8 @@ class DataConfig(Section):
 
 
 class TDMConfig(Section):
-    name: Optional[str] = Field(None, description="Run name: the key of checkpoints and of the MLflow run. Running "
+    name: Optional[SafeName] = Field(None, description="Run name: the key of checkpoints and of "
+                                "the MLflow run (letters, digits, '.', '_', '-'). Running "
                                 "again with the same name resumes. none = a new timestamped name.")
     teacher: TeacherConfig = TeacherConfig()
     toy: ToyConfig = ToyConfig()
@@ -391,4 +420,23 @@ def load_config(data: dict | None = None) -> TDMConfig:
     try:
         return TDMConfig.model_validate(data or {})
     except ValidationError as e:
+        missing = _missing_teacher_path(data or {})
+        if missing:  # the most basic error first: a teacher path that does not exist, before a missing option
+            raise ConfigError(f"teacher.uri: path does not exist: {missing}") from None
         raise ConfigError(validation_message(e, "config key")) from None
+
+
+#: a Hugging Face hub id: org/name
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _missing_teacher_path(data: dict) -> str | None:
+    """teacher.uri when it is a local path (not a toy, registry, s3:// or hub id) that does not exist: what
+    tdm.teacher.resolve_teacher refuses first."""
+    from pathlib import Path
+
+    uri = (data.get("teacher") or {}).get("uri") if isinstance(data.get("teacher"), dict) else None
+    if not isinstance(uri, str) or uri in TOY_TEACHERS or uri.startswith(("models:/", "s3://")):
+        return None
+    hub_id = HUB_ID.match(uri) and not uri.startswith((".", "/", "~"))
+    return uri if not hub_id and not Path(uri).expanduser().exists() else None

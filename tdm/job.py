@@ -45,6 +45,7 @@ def distill(cfg: TDMConfig) -> dict:
         check_grids,
         check_run_checkpoints,
         check_storage,
+        check_tracking,
         check_video,
         run_prompts,
         teacher_pipeline_class,
@@ -57,6 +58,7 @@ def distill(cfg: TDMConfig) -> dict:
     if cfg.name is None:
         cfg = cfg.model_copy(update={"name": time.strftime("tdm-%Y%m%d-%H%M%S")})
     tracking_uri = use_tracking_uri()
+    check_tracking(tracking_uri)
     teacher = None if cfg.toy_kind else resolve_teacher(cfg.teacher.uri)
     prompts = run_prompts(cfg)
     storage = check_storage(cfg.train.storage_path or str(runs_dir()))

@@ -182,3 +182,20 @@ def check_run_checkpoints(storage: str, name: str) -> None:
     for info in found:
         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
             check_checkpoint_dir(fs, info.path, "train.storage_path")
+
+
+def check_tracking(tracking_uri: str) -> None:
+    """An MLflow server in MLFLOW_TRACKING_URI answers, within seconds: an unreachable one must not read as
+    "no toy teacher yet" (and train one) or fail after the training."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return  # a local store (sqlite, file): opened by the first call
+    import requests
+
+    try:
+        # /health is served without authentication by `mlflow server`, basic-auth included
+        r = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=10)
+    except requests.RequestException as e:
+        raise ConfigError(f"MLFLOW_TRACKING_URI: cannot reach the MLflow server at {tracking_uri} "
+                          f"({first_line(e)})") from None
+    if r.status_code != 200:
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {tracking_uri}/health answered {r.status_code}, not 200")

@@ -23,15 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
+from .config import HUB_ID
 from .errors import ConfigError, TeacherChangedError, first_line
 from .spec import TeacherRef
 
 #: a Hugging Face hub repository id, org/name
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 INDEX_FILE = "model_index.json"
 
 

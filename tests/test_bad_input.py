@@ -31,9 +31,24 @@ def run_distill(tmp_path, *args):
      "teacher.uri: registered model"),
     (["--teacher.uri", "s3://tdm-test/no/teacher", "--data.prompts", "a", "--eval.enabled", "false"],
      "teacher.uri: no diffusers pipeline at s3://tdm-test/no/teacher"),
-    (["--teacher.uri", "/nonexistent/teacher", "--data.prompts", "a"], "eval.clip_model is required"),
+    # the most basic error first: the path, not the option a non-toy teacher also needs
+    (["--teacher.uri", "/nonexistent/teacher", "--data.prompts", "a"], "teacher.uri: path does not exist"),
+    (["--teacher.uri", "org/model", "--data.prompts", "a"], "eval.clip_model is required"),
     (["--data.prompt_source", "/nonexistent/prompts.txt"], "data.prompt_source"),
     (["--train.num_workers", "3", "--train.batch_size", "64"], "train.batch_size"),
+    (["--optim.lr_student", "inf"], "optim.lr_student"),
+    (["--loss.guidance_scale", "nan"], "loss.guidance_scale"),
+    (["--student.step_set", "1,2", "--student.step_probs", "nan,1"], "student.step_probs"),
+    (["--registry.alias", "latest"], "registry.alias: 'latest' is reserved by MLflow"),
+    (["--registry.alias", "v3"], "registry.alias: 'v3' is reserved"),
+    (["--registry.alias", "a b"], "registry.alias"),
+    (["--name", "bob's"], "use letters, digits"),
+    (["--name", "../escape"], "use letters, digits"),
+    (["--name", "a..b"], "use letters, digits"),
+    (["--registry.model_name", "x' or name='y"], "registry.model_name"),
+    # a flag must name a field exactly: a prefix of one is not it
+    (["--train.max_step", "10"], "unrecognized arguments: --train.max_step 10"),
+    (["--student.num_step", "4"], "unrecognized arguments: --student.num_step 4"),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, s3_server, args, field):
     proc = run_distill(tmp_path, *args)
@@ -48,6 +63,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, s3_server, args, field):
 
         with sqlite3.connect(home / "mlflow.db") as db:
             assert db.execute("select count(*) from registered_models").fetchone()[0] == 0
+            assert db.execute("select count(*) from runs").fetchone()[0] == 0
 
 
 def test_empty_prompt_file(tmp_path):
@@ -151,3 +167,30 @@ def test_serve_print_config_is_the_resolved_config():
     assert {k: args[k] for k in resolved} == resolved      # every option, defaults included
     assert args["num_replicas"] == 1 and "derived deployment options" in proc.stderr
     assert '"max_ongoing_requests": 96' in proc.stderr      # the generator: two batches of 16, plus 64 queued
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"student: {num_steps: 4\n", "is not valid YAML at line"),
+    (b"student:\n  num_steps: \xff\xfe\n", "is not UTF-8 text"),
+    (b"- a\n- b\n", "must contain a mapping"),
+])
+def test_a_broken_config_file_is_one_line(tmp_path, content, words):
+    f = tmp_path / "run.yaml"
+    f.write_bytes(content)
+    proc = run_distill(tmp_path, "--config", str(f))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and words in proc.stderr, proc.stderr
+    assert f"--config: {f}" in proc.stderr
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_any_work(tmp_path):
+    from conftest import free_port
+
+    env = dict(os.environ, TDM_HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled",
+               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "distill.py")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "MLFLOW_TRACKING_URI: cannot reach the MLflow server" in lines[0], proc.stderr
+    assert "toy teacher" not in proc.stdout + proc.stderr      # nothing was trained

@@ -193,13 +193,18 @@ def test_pyfunc_model_config_decoder(sd15_export, taesd_dir):
 
 
 class _Remote:
-    """Stands in for a deployment handle method: `await handle.method.remote()`."""
+    """Stands in for a deployment handle method: `handle.method.remote()` gives an awaitable that can be
+    cancelled."""
 
     def __init__(self, fn):
         self.fn = fn
 
-    async def remote(self):
-        return self.fn()
+    def remote(self):
+        import asyncio
+
+        async def call():
+            return self.fn()
+        return asyncio.ensure_future(call())
 
 
 def test_serve_generator_loads_reports_and_swaps_the_decoder(sd15_export, taesd_dir):
@@ -215,8 +220,17 @@ def test_serve_generator_loads_reports_and_swaps_the_decoder(sd15_export, taesd_
     generator = generator_cls(config)
     info = generator.info()
     assert (info.decoder, info.decoder_class, info.native_size) == (str(taesd_dir), "AutoencoderTiny", [16, 16])
-    ingress = SimpleNamespace(generator=SimpleNamespace(info=_Remote(generator.info)), cfg=ServeConfig())
-    (listed,) = asyncio.run(ingress_cls.models(ingress))["data"]
+    import json
+
+    from starlette.requests import Request
+
+    handle = SimpleNamespace(info=_Remote(generator.info), status=_Remote(generator.status))
+    # the class as written (serve.ingress wraps it in an ASGI replica class with an async __init__)
+    ingress = ingress_cls.__new__(ingress_cls)
+    ingress_cls.__mro__[1].__init__(ingress, handle, ServeConfig().model_dump())
+    response = asyncio.run(ingress.models(Request({"type": "http", "method": "GET", "path": "/v1/models",
+                                                   "headers": []})))
+    (listed,) = json.loads(response.body)["data"]
     assert (listed["decoder"], listed["decoder_class"]) == (str(taesd_dir), "AutoencoderTiny")
     # a user_config without the decoder reloads the model with its own VAE
     generator.reconfigure({**config, "decoder": ""})

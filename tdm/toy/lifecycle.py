@@ -100,8 +100,9 @@ def ensure_toy_teacher(cfg: TDMConfig, tracking_uri: str, num_cpus: float) -> st
                 log(f"toy teacher: reusing {toy.model_name} version {mv.version}")
                 return f"models:/{toy.model_name}/{mv.version}"
             log(f"toy teacher: {toy.model_name}@champion was trained with other settings")
-        except MlflowException:
-            pass
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise  # the registry failed (not "no such model"): never a reason to train a teacher again
     log(f"toy teacher: training {toy.model_name} ({toy.train_steps} steps; once, then reused)")
     task = ray.remote(num_cpus=num_cpus)(_train_and_register)
     return ray.get(task.remote(toy, cfg.eval.teacher_steps, cfg.loss.guidance_scale, tracking_uri))
