@@ -142,5 +142,6 @@ def print_summary(summary: dict) -> None:
         for name, r in rows.items():
             cells = "".join(f"{r[key]:>{w}{fmt}}" for (key, _, fmt), w in zip(columns, widths))
             print(f"{name:<18}{r['nfe']:>5}{cells}{r['latency_ms']:>10.2f}")
-    print(f"\nrun {summary['run_name']} (MLflow run {summary['run_id']}): registered version "
+    what = "already registered as version" if summary.get("already_registered") else "registered version"
+    print(f"\nrun {summary['run_name']} (MLflow run {summary['run_id']}): {what} "
           f"{summary['model_version']}, gate {'passed' if summary['passed'] else 'not passed'}")

@@ -189,6 +189,18 @@ class TDMDistiller:
         x_tau = transition(x_r, a_r, s_r, a_t, s_t, lv.z)
         return x_tau, (a_r, s_r, a_t, s_t)
 
+    def scaler_state(self) -> dict | None:
+        """The fp16 loss scalers' state (scale, growth tracker: plain numbers), for a checkpoint; None
+        without fp16. A resume that dropped it would restart from scale 65536 and skip steps again."""
+        if self.scaler_student is None or self.scaler_fake is None:
+            return None
+        return {"student": self.scaler_student.state_dict(), "fake": self.scaler_fake.state_dict()}
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        if state is not None and self.scaler_student is not None and self.scaler_fake is not None:
+            self.scaler_student.load_state_dict(state["student"])
+            self.scaler_fake.load_state_dict(state["fake"])
+
     def _update(self, opt, sched, scaler) -> float:
         """(All-reduce,) unscale, clip (returns the pre-clip grad norm), optimizer and LR-scheduler step."""
         params = [p for group in opt.param_groups for p in group["params"]]  # this role's, not the shared base's

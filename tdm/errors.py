@@ -59,3 +59,10 @@ def validation_message(err, what: str = "key") -> str:
         else:
             parts.append(msg)
     return "; ".join(parts)
+
+
+def redact(uri: str) -> str:
+    """A URI without its user:password@ part, for messages and dry-run output."""
+    import re
+
+    return re.sub(r"://[^/@]+@", "://***@", uri)

@@ -45,7 +45,7 @@ def distill(cfg: TDMConfig) -> dict:
         check_grids,
         check_run_checkpoints,
         check_storage,
-        check_tracking,
+        check_tracking_server,
         check_video,
         run_prompts,
         teacher_pipeline_class,
@@ -58,7 +58,7 @@ def distill(cfg: TDMConfig) -> dict:
     if cfg.name is None:
         cfg = cfg.model_copy(update={"name": time.strftime("tdm-%Y%m%d-%H%M%S")})
     tracking_uri = use_tracking_uri()
-    check_tracking(tracking_uri)
+    check_tracking_server(tracking_uri)
     teacher = None if cfg.toy_kind else resolve_teacher(cfg.teacher.uri)
     prompts = run_prompts(cfg)
     storage = check_storage(cfg.train.storage_path or str(runs_dir()))
@@ -240,8 +240,22 @@ def evaluate_and_register(cfg: TDMConfig, checkpoint, teacher: TeacherRef, track
     version of cfg.registry.model_name linked to `run_id`, and move the alias only if the gate passes."""
     import ray
 
-    from .tracking import register
+    from .tracking import register, registered_from
 
+    # at most one version per checkpoint: a finished command run again (or a RayJob retry) registers
+    # nothing new and leaves the alias where it is
+    done = registered_from(cfg.registry.model_name, run_id, checkpoint.path)
+    if done is not None:
+        import mlflow
+
+        mlflow.MlflowClient().set_terminated(run_id, status="FINISHED")
+        passed = done.tags.get("gate.passed") == "True"
+        log(f"{cfg.registry.model_name} version {done.version} was already registered from this checkpoint "
+            f"(step {done.tags.get('step')}, gate {'passed' if passed else 'not passed'}); nothing registered, "
+            f"alias {cfg.registry.alias} unchanged")
+        return {"run_name": cfg.name, "run_id": run_id, "model_version": done.version, "passed": passed,
+                "rows": {}, "gate": {}, "columns": [], "step": int(done.tags.get("step", 0)),
+                "already_registered": True}
     task = ray.remote(num_cpus=num_cpus, num_gpus=1 if cfg.train.use_gpu else 0)(_export_and_evaluate)
     out: ExportResult = ray.get(task.remote(cfg, checkpoint, teacher, tracking_uri, run_id))
     ev = out.evaluation or {}

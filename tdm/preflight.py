@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .config import TDMConfig
-from .errors import ConfigError, first_line
+from .errors import ConfigError, first_line, redact
 from .spec import TeacherRef
 
 
@@ -184,7 +184,7 @@ def check_run_checkpoints(storage: str, name: str) -> None:
             check_checkpoint_dir(fs, info.path, "train.storage_path")
 
 
-def check_tracking(tracking_uri: str) -> None:
+def check_tracking_server(tracking_uri: str) -> None:
     """An MLflow server in MLFLOW_TRACKING_URI answers, within seconds: an unreachable one must not read as
     "no toy teacher yet" (and train one) or fail after the training."""
     if not tracking_uri.startswith(("http://", "https://")):
@@ -195,7 +195,7 @@ def check_tracking(tracking_uri: str) -> None:
         # /health is served without authentication by `mlflow server`, basic-auth included
         r = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=10)
     except requests.RequestException as e:
-        raise ConfigError(f"MLFLOW_TRACKING_URI: cannot reach the MLflow server at {tracking_uri} "
-                          f"({first_line(e)})") from None
+        raise ConfigError(f"MLFLOW_TRACKING_URI: cannot reach the MLflow server at {redact(tracking_uri)} "
+                          f"({redact(first_line(e))})") from None
     if r.status_code != 200:
-        raise ConfigError(f"MLFLOW_TRACKING_URI: {tracking_uri}/health answered {r.status_code}, not 200")
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {redact(tracking_uri)}/health answered {r.status_code}, not 200")

@@ -286,17 +286,29 @@ def log_pipeline_model(pipeline_dir: str | Path, spec: ModelSpec, name: str = "m
 
 
 def register(model_uri: str, name: str, tags: dict, alias: str | None = None):
-    """Register a logged model as a new version of `name`, tag it, and optionally move `alias` to it."""
+    """Register a logged model as a new version of `name` with its tags (in the one call that creates
+    it: a crash cannot leave an untagged version), and optionally move `alias` to it."""
     import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    mv = mlflow.register_model(model_uri, name)
-    for k, v in tags.items():
-        client.set_model_version_tag(name, mv.version, k, str(v))
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return mv
+
+
+def registered_from(name: str, run_id: str, checkpoint: str):
+    """The version of `name` registered from `checkpoint` (its tag) by run `run_id`, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:  # name: a safe name (tdm.config.SafeName); run_id: hex
+        versions = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    found = [mv for mv in versions if mv.tags.get("checkpoint") == str(checkpoint)]
+    return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
 def log_evaluation(result, step: int, fps: float = 8.0) -> None:

@@ -217,7 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state.student.to(device)
     state.fake.to(device)
 
-    start = 0
+    start, saved = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -241,6 +241,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              student, fake, state.opt_student, state.opt_fake, state.sched_student,
                              state.sched_fake, state.ema, cfg.train.mixed_precision, device.type, grad_sync,
                              grid_rule=backbone.grid_rule)
+    distiller.load_scaler_state(saved.get("scalers") if saved else None)
     spec = student_spec(cfg, distiller.grids, backbone, ws.teacher)
     logger = RankZeroLogger(ws.tracking_uri, ws.run_id, cfg, backbone, state.student, spec,
                             prompts) if rank == 0 else None
@@ -282,7 +283,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    described = {"teacher": ws.teacher.model_dump(), "spec": spec.model_dump(mode="json")}
+                    described = {"teacher": ws.teacher.model_dump(), "spec": spec.model_dump(mode="json"),
+                                 "scalers": distiller.scaler_state()}
                     save_state(tmp, state.state_dict(done, cfg, described))
                     # small, human-readable description next to the state (read without loading weights)
                     (Path(tmp) / META_FILE).write_text(json.dumps({

@@ -33,7 +33,7 @@ import yaml
 from .cli import build_arg_parser, config_from_args
 from .config import TDMConfig
 from .console import log
-from .errors import ConfigError, first_line
+from .errors import ConfigError, first_line, redact
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 RAY_NAME_MAX = 47                       # KubeRay validation.go: RayJob / RayService names
@@ -365,6 +365,10 @@ def promote(cfg: TDMConfig, tracking_uri: str, force: bool = False):
         raise WorkflowError(f"{name} version {mv.version} (run {cfg.name}) did not pass the quality gate {gate}; "
                             f"not moving @{alias} (--force promotes it anyway)")
     client = MlflowClient(tracking_uri)
+    if not passed:  # forced: the version says so (and when) before the alias moves
+        client.set_model_version_tag(name, mv.version, "promotion.forced", "true")
+        client.set_model_version_tag(name, mv.version, "promotion.forced_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                          time.gmtime()))
     try:
         before = client.get_model_version_by_alias(name, alias).version
     except MlflowException:
@@ -373,11 +377,6 @@ def promote(cfg: TDMConfig, tracking_uri: str, force: bool = False):
     log(f"{name}@{alias}: {before or 'unset'} -> version {mv.version}"
         + ("" if passed else " (--force: the gate did not pass)"))
     return mv
-
-
-def redact(uri: str) -> str:
-    """A URI without its user:password@ part, for messages and dry-run output."""
-    return re.sub(r"://[^/@]+@", "://***@", uri)
 
 
 def namespace_of(flag: str | None, template: dict) -> str:

@@ -99,3 +99,18 @@ def test_failing_gate_registers_without_alias_and_reuses_the_teacher(first_run):
     assert client.get_model_version_by_alias("tdm-student", "champion").version == first_run["model_version"]
     assert client.get_model_version("tdm-student", second["model_version"]).tags["gate.passed"] == "False"
     assert len(client.search_model_versions("name='tdm-toy-teacher'")) == len(teachers)   # cached, not retrained
+
+
+def test_a_finished_command_run_again_registers_nothing_new(first_run):
+    """Idempotent registration: the same command again (or a RayJob retry) finds its checkpoint already
+    registered: no new version, the alias stays, the run ends FINISHED."""
+    from tdm.job import distill
+
+    client = MlflowClient()
+    before = {mv.version for mv in client.search_model_versions("name='tdm-student'")}
+    champion = client.get_model_version_by_alias("tdm-student", "champion").version
+    again = distill(tiny_config(name="e2e-pass", gate=PASS_ALL))
+    assert again["already_registered"] is True and again["model_version"] == first_run["model_version"]
+    assert {mv.version for mv in client.search_model_versions("name='tdm-student'")} == before
+    assert client.get_model_version_by_alias("tdm-student", "champion").version == champion
+    assert client.get_run(first_run["run_id"]).info.status == "FINISHED"

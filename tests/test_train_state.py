@@ -119,3 +119,34 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_toy_dir, tmp_path):
     resumed = first + run(d, range(3, 6))
     for key in ("loss_fake", "loss_student", "grad_norm_student"):
         assert [m[key] for m in resumed] == [m[key] for m in straight], key   # bit-identical
+
+
+def test_fp16_loss_scaler_state_round_trips_through_a_checkpoint(tmp_path, tiny_toy_dir):
+    """No GPU here: the scalers of an fp16 distiller (CPU GradScaler), moved off their initial scale, are
+    saved in the pickle-free checkpoint and restored into a fresh distiller."""
+    from tdm.statefile import load_state, save_state
+
+    cfg = load_config({})
+    b = load_backbone(tiny_toy_dir)
+
+    def fp16_distiller():
+        teacher, st = build_roles(cfg, b)
+        return TDMDistiller(cfg.student, cfg.loss, cfg.optim, b.schedule, b.latent_shape, teacher, st.student,
+                            st.fake, st.opt_student, st.opt_fake, st.sched_student, st.sched_fake, st.ema,
+                            "fp16", "cpu")
+
+    d = fp16_distiller()
+    for scaler, scale in ((d.scaler_student, 1024.0), (d.scaler_fake, 8.0)):
+        scaler.scale(torch.ones(()))          # a first scaled loss creates the scale
+        scaler.update(new_scale=scale)        # as after overflows
+        scaler._growth_tracker.fill_(7)       # noqa: SLF001 - steps since the last overflow
+    save_state(tmp_path, {"scalers": d.scaler_state()})
+    fresh = fp16_distiller()
+    assert fresh.scaler_student.get_scale() == 65536.0           # what a resume without it would use
+    fresh.load_scaler_state(load_state(tmp_path)["scalers"])
+    assert fresh.scaler_student.get_scale() == 1024.0 and fresh.scaler_fake.get_scale() == 8.0
+    assert fresh.scaler_state() == d.scaler_state()
+    _, bf = build_roles(cfg, b)
+    fp32 = TDMDistiller(cfg.student, cfg.loss, cfg.optim, b.schedule, b.latent_shape, None, bf.student, bf.fake,
+                        bf.opt_student, bf.opt_fake, bf.sched_student, bf.sched_fake, bf.ema)
+    assert fp32.scaler_state() is None       # nothing to keep without fp16
