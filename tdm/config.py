@@ -248,6 +248,8 @@ class TrainConfig(Section):
     storage_path: Optional[str] = Field(None, description="Checkpoint storage: a local directory or "
                                         "s3://bucket/prefix; none = $TDM_HOME/runs.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+    max_nonfinite_steps: int = Field(20, ge=1, description="Iterations in a row with a non-finite loss or gradient "
+                                     "(their updates are skipped) before the run stops with an error.")
     log_every: int = Field(10, ge=1, description="Steps between metric flushes to MLflow.")
     sample_every: int = Field(100, ge=1, description="Steps between fixed-noise sample grids in MLflow.")
     system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between MLflow system-metrics "

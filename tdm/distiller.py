@@ -202,7 +202,11 @@ class TDMDistiller:
             self.scaler_fake.load_state_dict(state["fake"])
 
     def _update(self, opt, sched, scaler) -> float:
-        """(All-reduce,) unscale, clip (returns the pre-clip grad norm), optimizer and LR-scheduler step."""
+        """(All-reduce,) unscale, clip (returns the pre-clip grad norm), optimizer and LR-scheduler step.
+        A non-finite gradient (from a non-finite loss, or an overflow) skips the optimizer step: the
+        weights stay as they were (the fp16 scaler also lowers its scale). The LR schedule still advances,
+        so it stays a function of the iteration. Every rank sees the same all-reduced gradients, hence
+        makes the same choice."""
         params = [p for group in opt.param_groups for p in group["params"]]  # this role's, not the shared base's
         if self.grad_sync is not None:
             self.grad_sync(params)
@@ -210,9 +214,9 @@ class TDMDistiller:
             scaler.unscale_(opt)
         gn = _grad_norm(params, self.optim_cfg.grad_clip)
         if scaler is not None:
-            scaler.step(opt)
+            scaler.step(opt)   # skips the step itself on inf/NaN gradients
             scaler.update()
-        else:
+        elif math.isfinite(gn):
             opt.step()
         if sched is not None:
             sched.step()
@@ -292,6 +296,11 @@ class TDMDistiller:
         if self.ema is not None:
             self.ema.update(self.student)
         metrics.update(loss_student=loss_s, grad_norm_student=gn, score_gap=gap, num_steps=K)
+        # updates skipped for a non-finite loss or gradient, this iteration (tdm.train stops the run after
+        # train.max_nonfinite_steps iterations in a row with one)
+        metrics["nonfinite_updates"] = float(sum(not math.isfinite(metrics[k]) for k in
+                                                 ("grad_norm_fake", "grad_norm_student", "loss_fake", "loss_student")
+                                                 if k in metrics) > 0)
         return metrics
 
 

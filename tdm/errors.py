@@ -66,3 +66,7 @@ def redact(uri: str) -> str:
     import re
 
     return re.sub(r"://[^/@]+@", "://***@", uri)
+
+
+class NonFiniteTrainingError(TDMError):
+    """Training diverged: too many iterations in a row with a non-finite loss or gradient."""

@@ -147,6 +147,19 @@ def check_resume(run, cfg: TDMConfig, teacher: TeacherRef) -> None:
                               f"use a new --name to change the config")
 
 
+def _worker_input_error(e: BaseException):
+    """The TDMError a training worker raised, if that is why Ray Train failed (WorkerGroupError)."""
+    from .errors import TDMError
+
+    for failure in getattr(e, "worker_failures", {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, TDMError):
+                return seen
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
 def _train(ws: WorkerSpec, cpus: float):
     """Ray Train over ws.config.train.num_workers workers; returns the final checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -163,7 +176,13 @@ def _train(ws: WorkerSpec, cpus: float):
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        refused = _worker_input_error(e)
+        if refused is not None:   # a worker refused the run (a changed teacher, diverged training): one line
+            raise type(refused)(str(refused)) from None
+        raise
     log(f"training finished in {time.perf_counter() - t0:.0f}s; final checkpoint {result.checkpoint.path}")
     return result.checkpoint
 

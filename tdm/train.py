@@ -21,7 +21,7 @@ from .backbones import cond_index, load_backbone
 from .config import TDMConfig
 from .console import progress
 from .distiller import EMA, TDMDistiller, allreduce_mean
-from .errors import TeacherChangedError
+from .errors import NonFiniteTrainingError, TeacherChangedError
 from .spec import TeacherRef, WorkerSpec, checkpoint_dir_name, student_spec
 from .statefile import load_state, save_state
 
@@ -94,6 +94,27 @@ class TrainState:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         return int(state["step"])
+
+
+class NonFiniteGuard:
+    """Counts iterations whose update was skipped for a non-finite loss or gradient (the distiller skips
+    them, tdm.distiller.TDMDistiller._update) and stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def observe(self, step: int, metrics: dict) -> float:
+        """Count this iteration; returns the total so far (logged); raises past the limit."""
+        if metrics.get("nonfinite_updates", 0) > 0:
+            self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
+        else:
+            self.in_a_row = 0
+        if self.in_a_row >= self.limit:
+            raise NonFiniteTrainingError(
+                f"train.max_nonfinite_steps: {self.in_a_row} iterations in a row (to step {step}) had a non-finite "
+                f"loss or gradient and were skipped; the run stops (lower optim.lr_*, set optim.grad_clip, or use "
+                f"bf16 instead of fp16). Its checkpoints are kept.")
+        return float(self.total)
 
 
 def make_role(cfg: TDMConfig, backbone, name: str):
@@ -261,12 +282,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if bar is not None:
         bar.update(start)
     t_last = time.perf_counter()
+    nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     for step in range(start, cfg.train.max_steps):
         g = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, step, rank))
         K = distiller.sample_num_steps(torch.Generator().manual_seed(step_seed(cfg.train.seed, step, -1)))
         idx = torch.randint(len(prompts), (accum, micro), generator=g, device=device)
         uncond = {k: v.expand(micro, *v.shape[1:]) for k, v in uncond_one.items()}
         metrics = distiller.step([(cond_index(cond_all, i), uncond) for i in idx], K, g)
+        metrics["nonfinite_total"] = nonfinite.observe(step + 1, metrics)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         metrics.update(lr_student=state.sched_student.get_last_lr()[0], lr_fake=state.sched_fake.get_last_lr()[0],

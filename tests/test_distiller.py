@@ -1,4 +1,6 @@
 """One TDM iteration on tiny models: it learns, touches only what it should, and spends no wasted passes."""
+import math
+
 import pytest
 import torch
 
@@ -131,3 +133,25 @@ def test_mixed_precision_code_path(tiny_toy_dir, precision):
     m = d.step([(cond, uncond)], 4, torch.Generator().manual_seed(0))
     assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss_fake", "loss_student"))
     assert all(p.dtype == torch.float32 for p in d.student.parameters())   # master weights stay fp32
+
+
+def test_a_non_finite_update_is_skipped_counted_and_stops_the_run_after_n_in_a_row(tiny_toy_dir):
+    from tdm.errors import NonFiniteTrainingError
+    from tdm.train import NonFiniteGuard
+
+    d, cond, uncond, st = _distiller(tiny_toy_dir)
+    first = next(p for p in st.fake.trainable_parameters())
+    with torch.no_grad():
+        first.view(-1)[0] = float("inf")          # the fake score now produces non-finite losses
+    before = {n: p.detach().clone() for n, p in st.fake.named_trainable_parameters()}
+    m = d.step([(cond, uncond)], 4, torch.Generator().manual_seed(0))
+    assert m["nonfinite_updates"] == 1.0 and not math.isfinite(m["grad_norm_fake"])
+    after = dict(st.fake.named_trainable_parameters())
+    assert all(torch.equal(torch.nan_to_num(before[n]), torch.nan_to_num(after[n].detach())) for n in before)
+    assert not d.opt_fake.state                    # the optimizer never stepped
+
+    guard = NonFiniteGuard(limit=3)
+    bad, good = {"nonfinite_updates": 1.0}, {"nonfinite_updates": 0.0}
+    assert [guard.observe(s, m) for s, m in enumerate([bad, bad, good, bad, bad], 1)] == [1, 2, 2, 3, 4]
+    with pytest.raises(NonFiniteTrainingError, match="train.max_nonfinite_steps: 3 iterations in a row"):
+        guard.observe(6, bad)
