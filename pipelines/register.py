@@ -2,7 +2,7 @@
 
 Checkpoints are listed in each MLflow run under `checkpoints/step_<n>.json` (with their storage URI).
 
-    python pipelines/register.py --checkpoint ~/.tdm/runs/my-run/checkpoint_0000300
+    python pipelines/register.py --checkpoint "${TDM_HOME:-$HOME/.tdm}/runs/my-run/checkpoint_0000300"
     python pipelines/register.py --checkpoint s3://bucket/runs/my-run/checkpoint_0000300 --eval.num_samples 500
 
 Options after --checkpoint override the run's config (e.g. --gate.*, --eval.*, --registry.*).
