@@ -28,7 +28,9 @@ HEADER = """\
 # so the chart's comments survive; _check_plain() catches a template layout these patterns miss.
 _EDITS = [
     # helm.sh/resource-policy only tells `helm uninstall` to keep the PVC; kubectl deletes what it is told.
-    (re.compile(r"(?m)^[ \t]*helm\.sh/(chart|resource-policy): .*\n"), ""),
+    # helm.sh/hook*: the MLflow bootstrap Job is a post-install hook; applied with the rest, it waits for
+    # the MLflow server itself.
+    (re.compile(r"(?m)^[ \t]*helm\.sh/(chart|resource-policy|hook|hook-delete-policy|hook-weight): .*\n"), ""),
     (re.compile(r"(?m)^( *)annotations:\n(?!\1 )"), ""),          # an annotations map left empty by that
     (re.compile(r"(?m)^([ \t]*app\.kubernetes\.io/managed-by:) Helm$"), r"\1 kubectl"),
     # The objects name their namespace (the MLflow URIs and allowed hosts are rendered for it), so

@@ -141,3 +141,29 @@ def credential_problems(texts: dict[str, str], objs: list[dict]) -> list[str]:
 def ray_objects_last(objs: list[dict]) -> list[dict]:
     """Objects in validation order: built-in kinds first, so they are checked even when the ray.io ones skip."""
     return sorted(objs, key=lambda o: str(o.get("apiVersion", "")).startswith("ray.io/"))
+
+
+def tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
+
+
+def wait_for_health(uri: str, proc, log: Path, timeout_s: float) -> None:
+    """Until `uri`/health answers 200 (an MLflow server started as `proc`, writing `log`); the test fails with
+    the log's tail when the process exits or `timeout_s` passes."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"mlflow server did not answer /health in {timeout_s:g}s\n{tail(log)}")
+        time.sleep(0.5)

@@ -2,17 +2,31 @@
 the Helm v4 Go SDK; no helm binary, no cluster), every object validated (kubernetes-validate, strict,
 for built-in kinds; the KubeRay v1.7 CRD schemas, made strict, for ray.io kinds; KubeRay controller
 rules the schemas do not carry), the values mapped onto `pipelines/distill.py` flags and onto the
-Serve config that `tdm.serve.serve_config` builds, and bad values rejected with a clear message."""
+Serve config that `tdm.serve.serve_config` builds, the hardening (read-only root filesystems with sized
+emptyDirs, ServiceAccounts, ephemeral storage, probes, egress, MLflow authentication) asserted on the
+rendered objects, and bad values rejected with a clear message."""
 import copy
 import functools
+import os
+import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_helpers import K8S_VERSION, RAY_NAME_MAX, assert_valid, crd_validator, credential_problems, ray_objects_last
+from k8s_helpers import (
+    K8S_VERSION,
+    RAY_NAME_MAX,
+    assert_valid,
+    crd_validator,
+    credential_problems,
+    ray_objects_last,
+    wait_for_health,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "tdm"
@@ -21,6 +35,9 @@ BUILD_APP_EXTRAS = {"num_replicas", "num_gpus", "num_cpus"}
 API_KEYS_DIR, API_KEYS_FILE = "/etc/tdm/api-keys", "/etc/tdm/api-keys/keys"
 
 GPU_IMAGE = {"repository": "registry.example.com/tdm-cuda", "tag": "0.1.0-cu128"}
+#: the API server's addresses, which serve.autoscaling needs in the egress policy
+KUBE_API = {"kubernetesApi": {"cidrs": ["172.20.0.10/32"]}}
+TMP, TDM_HOME = "/tmp", "/var/lib/tdm"
 
 #: Value sets rendered and checked by every test below.
 SCENARIOS = {
@@ -66,7 +83,7 @@ SCENARIOS = {
                   "workingDir": "s3://tdm/code/tdm-0.1.0.zip", "maxBatchSize": 16, "maxQueuedRequests": 1000,
                   "upscaleFactors": [1, 4], "upgradeStrategy": "None", "maxBodyBytes": 1 << 20,
                   "requestTimeoutS": 60.5, "enableDocs": True},
-        "networkPolicy": {"serve": {"allowAll": True}},
+        "networkPolicy": {"serve": {"allowAll": True}, "egress": KUBE_API},
     },
     # API keys from a Secret (mounted as a file), autoscaling so the head and the workers both carry it
     "auth": {
@@ -76,7 +93,33 @@ SCENARIOS = {
                                     "ingressController": {"namespaceSelector": {"matchLabels": {
                                         "kubernetes.io/metadata.name": "traefik"}},
                                         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "traefik"}}},
-                                    "extraFrom": [{"ipBlock": {"cidr": "10.8.0.0/16"}}]}},
+                                    "extraFrom": [{"ipBlock": {"cidr": "10.8.0.0/16"}}]},
+                          "egress": KUBE_API},
+    },
+    # every egress target opened, by CIDR and by peer; a serve route prefix (the readiness path follows)
+    "egress": {
+        "s3": {"endpointUrl": "http://minio.minio.svc:9000"},
+        "distill": {"storage": {"type": "s3"}},
+        "serve": {"routePrefix": "/tdm/"},
+        "networkPolicy": {"egress": {
+            "objectStore": {"cidrs": ["10.0.0.0/8"], "extraTo": [{
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}]},
+            "modelHub": {"cidrs": ["0.0.0.0/0"]},
+            "database": {"extraTo": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "db"}},
+                                      "podSelector": {"matchLabels": {"app": "postgres"}}}]}}},
+    },
+    # MLflow without authentication: the plain `mlflow server` command, no credentials anywhere
+    "no_mlflow_auth": {"mlflow": {"auth": {"enabled": False}}},
+    # the distill pods on S3 with credentials of their own; MLflow keeps s3.credentialsSecret
+    "checkpoint_credentials": {
+        "s3": {"checkpointsCredentialsSecret": {"name": "tdm-checkpoints", "accessKeyIdKey": "id",
+                                                "secretAccessKeyKey": "key"}},
+        "distill": {"storage": {"type": "s3"}, "teacher": {"uri": "s3://tdm/teachers/sd15/"},
+                    "eval": {"enabled": False}},
+        "serve": {"decoder": "s3://tdm/decoders/taesd/"},
+        "serviceAccount": {"annotations": {"team": "ml"},
+                           "distill": {"name": "ckpt-writer",
+                                       "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/ckpt"}}},
     },
 }
 #: the example values files shipped beside the chart, checked like the scenarios above
@@ -145,8 +188,8 @@ def pod_specs(objs: list[dict]):
     """(where, pod spec) for every pod the release creates, directly or through KubeRay."""
     for o in objs:
         spec = o.get("spec", {})
-        if o["kind"] == "Deployment":
-            yield f"Deployment/{o['metadata']['name']}", spec["template"]["spec"]
+        if o["kind"] in ("Deployment", "Job"):
+            yield f"{o['kind']}/{o['metadata']['name']}", spec["template"]["spec"]
         elif o["kind"] in ("RayJob", "RayService"):
             cluster = spec["rayClusterSpec"] if o["kind"] == "RayJob" else spec["rayClusterConfig"]
             yield f"{o['kind']} head", cluster["headGroupSpec"]["template"]["spec"]
@@ -180,7 +223,9 @@ def test_every_object_validates(chart, scenario):
     objs = objects(chart, scenario)
     kinds = sorted(o["kind"] for o in objs)
     assert {"RayJob", "RayService", "ServiceAccount", "NetworkPolicy"} <= set(kinds)
-    assert ("Deployment" in kinds) == values_of(scenario)["mlflow"]["enabled"]
+    m = values_of(scenario)["mlflow"]
+    assert ("Deployment" in kinds) == m["enabled"]
+    assert ("Job" in kinds) == ("ConfigMap" in kinds) == (m["enabled"] and m["auth"]["enabled"])
     for obj in ray_objects_last(objs):
         assert_valid(obj)
 
@@ -194,26 +239,209 @@ def test_strict_crd_schema_catches_typos(chart):
     messages = " ".join(e.message for e in crd_validator("RayJob").iter_errors(bad))
     assert "shutdownAfterJobFinishez" in messages and "'1' is not of type 'integer'" in messages
     with pytest.raises(kubernetes_validate.ValidationError):
-        sa = one(objects(chart, "default"), "ServiceAccount")
+        sa = next(o for o in objects(chart, "default") if o["kind"] == "ServiceAccount")
         kubernetes_validate.validate({**sa, "bogus": 1}, K8S_VERSION, strict=True)
+
+
+def containers_of(pod: dict) -> list[dict]:
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+def autoscaler_of(objs: list[dict]) -> dict | None:
+    """The autoscalerOptions of the RayService: KubeRay builds the head's autoscaler sidecar from them."""
+    return one(objs, "RayService")["spec"]["rayClusterConfig"].get("autoscalerOptions")
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+          "Ti": 2**40}
+
+
+def quantity(q) -> float:
+    """A Kubernetes byte quantity (10Gi, 512Mi, 1G) in bytes."""
+    m = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(q))
+    assert m and m.group(2) in _UNITS, q
+    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_pod_is_locked_down_and_sized(chart, scenario):
-    pods = list(pod_specs(objects(chart, scenario)))
+    """Every container the chart renders (Ray heads and workers of both clusters, the submitter, MLflow, the
+    bootstrap Job, and the autoscaler sidecar's options): non-root, no privilege escalation, ALL
+    capabilities dropped, seccomp RuntimeDefault, a read-only root filesystem, and ephemeral-storage
+    requested and limited like cpu and memory."""
+    objs = objects(chart, scenario)
+    pods = list(pod_specs(objs))
     assert len(pods) >= 5          # mlflow?, distill head/workers/submitter, serve head/workers
+    m = values_of(scenario)["mlflow"]
+    assert any(w.startswith("Job/") for w, _ in pods) == (m["enabled"] and m["auth"]["enabled"])
+    containers = [(where, c) for where, pod in pods for c in containers_of(pod)]
+    if autoscaler := autoscaler_of(objs):
+        containers.append(("autoscalerOptions", autoscaler))
     for where, pod in pods:
         psc = pod["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 1000, where
         assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
         assert pod["automountServiceAccountToken"] in (True, False), where
+    for where, c in containers:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, where
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["capabilities"] == {"drop": ["ALL"]}, where
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000, where
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for kind in ("requests", "limits"):
+            res = c["resources"][kind]
+            assert {"cpu", "memory", "ephemeral-storage"} <= set(res), (where, kind)
+            assert quantity(res["ephemeral-storage"]) > 0, (where, kind)
+        assert quantity(c["resources"]["requests"]["ephemeral-storage"]) <= \
+            quantity(c["resources"]["limits"]["ephemeral-storage"]), where
+
+
+def _scratch(v: dict, where: str) -> dict[str, str]:
+    """{mount path: sizeLimit} of the emptyDirs the values give a pod."""
+    if where.startswith("Deployment/"):
+        return {TMP: v["mlflow"]["scratch"]["tmp"]}
+    if where.startswith("Job/"):
+        return {TMP: v["mlflow"]["auth"]["bootstrap"]["scratch"]["tmp"]}
+    if where == "RayJob submitter":
+        return {TMP: v["distill"]["submitter"]["scratch"]["tmp"]}
+    s = v["distill" if where.startswith("RayJob") else "serve"]["scratch"]
+    return {TMP: s["tmp"], TDM_HOME: s["tdmHome"]}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_writable_space_is_sized_emptydirs(chart, scenario):
+    """With the root filesystem read-only, each container writes only to emptyDirs of the configured sizes:
+    /tmp everywhere (HOME, TMPDIR, the XDG and matplotlib caches and Ray's temp dir /tmp/ray point into it)
+    and TDM_HOME (HF_HOME under it) in the Ray pods. No emptyDir without a sizeLimit, and a pod's disk
+    emptyDirs fit in its containers' ephemeral-storage limits (the kubelet evicts on their sum)."""
+    v = values_of(scenario)
+    objs = objects(chart, scenario)
+    for where, pod in pod_specs(objs):
+        volumes = {vol["name"]: vol for vol in pod["volumes"]}
+        empty = {n: vol["emptyDir"] for n, vol in volumes.items() if "emptyDir" in vol}
+        assert all("sizeLimit" in e for e in empty.values()), where
+        scratch = _scratch(v, where)
+        ray = where.startswith(("RayJob", "RayService")) and "submitter" not in where
+        for c in containers_of(pod):
+            mounts = {mt["mountPath"]: mt for mt in c.get("volumeMounts", [])}
+            for path, size in scratch.items():
+                assert path in mounts and "subPath" not in mounts[path], (where, path)
+                assert empty[mounts[path]["name"]] == {"sizeLimit": size}, (where, path)
+            env = {k: e["value"] for k, e in env_of(c).items() if "value" in e}
+            assert env["HOME"] == env["TMPDIR"] == TMP, where
+            assert env["XDG_CACHE_HOME"].startswith(TMP + "/") and env["MPLCONFIGDIR"].startswith(TMP + "/"), where
+            assert "RAY_TMPDIR" not in env, where          # Ray's temp dir: $TMPDIR/ray, in the /tmp emptyDir
+            if ray:
+                assert env["TDM_HOME"] == TDM_HOME and env["HF_HOME"].startswith(TDM_HOME + "/"), where
+            else:
+                assert "TDM_HOME" not in env, where
+            # every writable mount is one of the pod's emptyDirs (/dev/shm in memory), the checkpoint
+            # claim, or read-only
+            for path, mt in mounts.items():
+                vol = volumes[mt["name"]]
+                assert "emptyDir" in vol or "persistentVolumeClaim" in vol or mt.get("readOnly"), (where, path)
+        disk = sum(quantity(e["sizeLimit"]) for e in empty.values() if e.get("medium") != "Memory")
+        limits = sum(quantity(c["resources"]["limits"]["ephemeral-storage"]) for c in pod["containers"])
+        assert disk <= limits, f"{where}: emptyDirs {disk / 2**30:.1f}Gi > ephemeral-storage {limits / 2**30:.1f}Gi"
+
+
+@pytest.mark.parametrize("scenario", ["autoscaling", "auth"])
+def test_the_autoscaler_shares_one_sized_ray_log_dir(chart, scenario):
+    """With the autoscaler KubeRay shares /tmp/ray between the head and its sidecar, adding an emptyDir of no
+    size limit unless the head container mounts that path: the chart mounts the /tmp emptyDir's ray/
+    directory there in both, so Ray's logs stay in the one sized volume."""
+    objs = objects(chart, scenario)
+    cluster = one(objs, "RayService")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (container,) = head["containers"]
+    ray_logs = {"name": "tmp", "mountPath": f"{TMP}/ray", "subPath": "ray"}
+    assert ray_logs in container["volumeMounts"]
+    options = cluster["autoscalerOptions"]
+    assert options["volumeMounts"] == [{"name": "tmp", "mountPath": TMP}, ray_logs]
+    assert env_of(options)["HOME"]["value"] == TMP
+    assert options["resources"] == values_of(scenario)["serve"]["autoscaling"]["resources"]
+    assert "ray-logs" not in {vol["name"] for vol in head["volumes"]}
+    # without the autoscaler no such mount (KubeRay adds no log volume then)
+    head = one(objects(chart, "default"), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert all(mt["mountPath"] != f"{TMP}/ray" for mt in head["template"]["spec"]["containers"][0]["volumeMounts"])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_service_accounts_per_component_and_no_api_tokens(chart, scenario):
+    """One ServiceAccount per component (distill, serve, mlflow, jobs = submitter + bootstrap), none with a
+    token mounted; a pod mounts one only where it talks to the API: the serve head with the autoscaler
+    (KubeRay binds its own autoscaler Role to that ServiceAccount). The chart renders no RBAC at all."""
+    v = values_of(scenario)
+    objs = objects(chart, scenario)
+    sas = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServiceAccount"}
+    assert all(sa["automountServiceAccountToken"] is False for sa in sas.values())
+    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+    sa_values = v["serviceAccount"]
+    expected = {c: sa_values[c]["name"] or f"{RELEASE}-{c}" for c in ("distill", "serve", "mlflow", "jobs")}
+    if not v["mlflow"]["enabled"]:
+        expected.pop("mlflow")
+    if v["distill"]["job"]["submissionMode"] != "K8sJobMode" and not (v["mlflow"]["enabled"]
+                                                                     and v["mlflow"]["auth"]["enabled"]):
+        expected.pop("jobs")
+    assert set(sas) == set(expected.values())
+    for component, name in expected.items():
+        annotations = {**sa_values["annotations"], **sa_values[component]["annotations"]}
+        assert sas[name]["metadata"].get("annotations", {}) == annotations, name
+    autoscaling = v["serve"]["autoscaling"]["enabled"]
+    for where, pod in pod_specs(objs):
+        component = ("mlflow" if where.startswith("Deployment/") else "jobs" if where.startswith("Job/")
+                     or where.endswith("submitter") else "distill" if where.startswith("RayJob") else "serve")
+        assert pod["serviceAccountName"] == expected[component], where
+        assert pod["automountServiceAccountToken"] is (where == "RayService head" and autoscaling), where
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_probes(chart, scenario):
+    """MLflow: startup, readiness and liveness on /health (open on the basic-auth app too). Serve workers:
+    readiness on tdm's <routePrefix>/healthz through the Serve proxy on the serve port (200 only while a
+    model is served), replacing KubeRay's injected one. Heads and the distill pods keep KubeRay's probes:
+    the operator sends the Serve config only once the head is ready, so that must not wait for a model."""
+    v = values_of(scenario)
+    objs = objects(chart, scenario)
+    if v["mlflow"]["enabled"]:
+        (c,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    prefix = v["serve"]["routePrefix"].rstrip("/")
+    for where, pod in pod_specs(objs):
         for c in pod["containers"]:
-            sc = c["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False, where
-            assert sc["capabilities"] == {"drop": ["ALL"]}, where
-            assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000, where
-            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
-            assert c["resources"]["requests"] and c["resources"]["limits"], where
+            if where.startswith("RayService worker"):
+                assert c["readinessProbe"]["httpGet"] == {"path": f"{prefix}/healthz", "port": "serve"}, where
+                assert {"containerPort": v["serve"]["port"], "name": "serve"} in c["ports"]
+                assert "livenessProbe" not in c, where          # KubeRay injects the raylet check
+            elif where.startswith("Ray"):
+                assert "readinessProbe" not in c and "livenessProbe" not in c, where
+
+
+def secret_env_names(container: dict) -> set[str]:
+    return {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_no_secret_reaches_a_command_line(chart, scenario):
+    """No container passes a Secret's value on its command line: no `$(VAR)` reference (expanded by the
+    kubelet into the pod's args, shown by `kubectl describe pod` and `ps`) to an env var from a Secret,
+    and MLflow's database URI only in the environment (MLFLOW_BACKEND_STORE_URI, which MLflow reads)."""
+    objs = objects(chart, scenario)
+    containers = [c for _, pod in pod_specs(objs) for c in containers_of(pod)]
+    for c in containers:
+        words = c.get("command", []) + c.get("args", [])
+        for name in secret_env_names(c):
+            assert not any(f"$({name})" in w for w in words), (c["name"], name)
+        assert "--backend-store-uri" not in words, c["name"]
+    if values_of(scenario)["mlflow"]["enabled"]:
+        (c,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+        assert env_of(c)["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "tdm-mlflow-db",
+                                                                                    "key": "uri"}
+        # the start script reads it from its own environment at run time ("$VAR"), never the kubelet's $(VAR)
+        refs = {m for w in c["command"] + c["args"] for m in re.findall(r"\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)", w)}
+        assert not refs & set(env_of(c)), refs
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -297,7 +525,10 @@ def test_distill_job_lifecycle_and_cluster(chart, scenario):
         uses_s3 = d["storage"]["type"] == "s3" or d["teacher"]["uri"].startswith("s3://")
         assert ("AWS_ACCESS_KEY_ID" in env) == uses_s3
         if uses_s3:
-            secret = v["s3"]["credentialsSecret"]
+            # every S3 access of these pods (checkpoints, s3:// teacher) with s3.checkpointsCredentialsSecret
+            # when it is set; MLflow's artifacts never need S3 keys here (the server proxies them)
+            secret = (v["s3"]["checkpointsCredentialsSecret"] if v["s3"]["checkpointsCredentialsSecret"]["name"]
+                      else v["s3"]["credentialsSecret"])
             assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == \
                 {"name": secret["name"], "key": secret["accessKeyIdKey"]}
             assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == \
@@ -414,28 +645,121 @@ def test_mlflow_server(chart, scenario):
     v = values_of(scenario)
     objs = objects(chart, scenario)
     if not v["mlflow"]["enabled"]:
-        assert not [o for o in objs if o["kind"] in ("Deployment", "Service")]
+        assert not [o for o in objs if o["kind"] in ("Deployment", "Service", "Job", "ConfigMap")]
         return
     dep, svc = one(objs, "Deployment"), one(objs, "Service")
     name = f"{RELEASE}-mlflow"
     assert dep["metadata"]["name"] == svc["metadata"]["name"] == name
     (c,) = dep["spec"]["template"]["spec"]["containers"]
-    cmd = c["command"] + c["args"]
-    assert cmd[:6] == ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
-    flags = dict(zip(cmd[2::1], cmd[3::1]))
-    assert flags["--backend-store-uri"] == "$(MLFLOW_BACKEND_STORE_URI)"
+    auth = v["mlflow"]["auth"]
+    args = c["args"]
+    if auth["enabled"]:               # a shell writes the auth config, then execs the server with the args
+        assert c["command"][:2] == ["/bin/sh", "-ec"] and c["command"][3:] == ["mlflow-server"]
+        assert 'exec mlflow server --app-name basic-auth "$@"' in c["command"][2]
+    else:
+        assert c["command"] == ["mlflow", "server"]
+    assert args[:4] == ["--host", "0.0.0.0", "--port", "5000"]
+    flags = dict(zip(args, args[1:]))
+    assert "--backend-store-uri" not in args          # MLflow reads MLFLOW_BACKEND_STORE_URI from the env
     assert flags["--artifacts-destination"] == f"s3://{v['s3']['bucket']}/mlflow"
-    assert "--serve-artifacts" in cmd
+    assert "--serve-artifacts" in args
     hosts = flags["--allowed-hosts"].split(",")
     assert {name, f"{name}:5000", f"{name}.{NAMESPACE}.svc:5000", "localhost:*"} <= set(hosts)
     env = env_of(c)
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "tdm-mlflow-db", "key": "uri"}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == v["s3"]["credentialsSecret"]["name"]
     assert ("MLFLOW_S3_ENDPOINT_URL" in env) == bool(v["s3"]["endpointUrl"])
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
     assert svc["spec"]["ports"][0]["port"] == 5000 and svc["spec"]["ports"][0]["targetPort"] == "http"
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    admin = auth["adminSecret"]
+    if auth["enabled"]:
+        assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith(f"{TMP}/")      # the emptyDir, mode 600
+        assert "default_permission = READ" in c["command"][2]
+        for var, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "usernameKey"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "passwordKey"),
+                         ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flaskSecretKeyKey")):
+            assert env[var]["valueFrom"]["secretKeyRef"] == {"name": admin["name"], "key": admin[key]}, var
+    else:
+        assert not {k for k in env if k.startswith("MLFLOW_AUTH")} and "MLFLOW_FLASK_SERVER_SECRET_KEY" not in env
+    # no object but the server and its bootstrap Job reads the admin Secret; no ConfigMap holds a credential
+    for o in objs:
+        if o["kind"] not in ("Deployment", "Job"):
+            assert admin["name"] not in yaml.safe_dump(o), f"{o['kind']}/{o['metadata']['name']}"
+        if o["kind"] == "ConfigMap":
+            assert not re.search(r"(?i)(password|postgresql\S*://)\s*=", yaml.safe_dump(o))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_mlflow_credentials_by_role(chart, scenario):
+    """mlflow.auth: the distill pods (they log, register and move the alias) carry the training user's
+    credentials, the serve pods (they only read the model) the serving user's, both only from their Secrets
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD, which MLflow's client reads); the submitter needs none."""
+    v = values_of(scenario)
+    auth = v["mlflow"]["auth"]
+    objs = objects(chart, scenario)
+    for where, pod in pod_specs(objs):
+        for c in pod["containers"]:
+            env = env_of(c)
+            role = ("trainingSecret" if where.startswith("RayJob") and "submitter" not in where
+                    else "servingSecret" if where.startswith("RayService") else None)
+            if role is None or not auth["enabled"]:
+                if not where.startswith("Job/"):
+                    assert "MLFLOW_TRACKING_PASSWORD" not in env, where
+                continue
+            secret = auth[role]
+            assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == \
+                {"name": secret["name"], "key": secret["usernameKey"]}, where
+            assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == \
+                {"name": secret["name"], "key": secret["passwordKey"]}, where
+    other = {"trainingSecret": "servingSecret", "servingSecret": "trainingSecret"}
+    for kind, role in (("RayJob", "trainingSecret"), ("RayService", "servingSecret")):
+        if auth["enabled"]:
+            assert auth[other[role]]["name"] not in yaml.safe_dump(one(objs, kind)), kind
+
+
+def bootstrap_job(objs: list[dict]) -> dict:
+    (job,) = [o for o in objs if o["kind"] == "Job"]
+    return job
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_mlflow_bootstrap_job(chart, scenario):
+    """A post-install/post-upgrade hook Job in the tdm image runs files/mlflow_bootstrap.py (from a ConfigMap,
+    read-only) as the admin: the training and serving users from their Secrets, MANAGE for training on the
+    experiment and the registered models the chart names (serve.modelName too: serving follows it)."""
+    v = values_of(scenario)
+    m = v["mlflow"]
+    objs = objects(chart, scenario)
+    if not (m["enabled"] and m["auth"]["enabled"]):
+        assert not [o for o in objs if o["kind"] in ("Job", "ConfigMap")]
+        return
+    job = bootstrap_job(objs)
+    assert job["metadata"]["annotations"] == {"helm.sh/hook": "post-install,post-upgrade",
+                                              "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded"}
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == m["auth"]["bootstrap"]["backoffLimit"]
+    (c,) = pod["containers"]
+    assert c["image"] == "tdm:0.1.0"
+    cmd = c["command"]
+    assert cmd[:2] == ["python", "/etc/tdm/mlflow-bootstrap/mlflow_bootstrap.py"]
+    pairs = list(zip(cmd[2::2], cmd[3::2]))
+    assert ("--timeout-s", str(m["auth"]["bootstrap"]["timeoutS"])) in pairs
+    assert [val for flag, val in pairs if flag == "--experiment"] == [v["distill"]["registry"]["experiment"]]
+    assert [val for flag, val in pairs if flag == "--model"] == \
+        list(dict.fromkeys([v["distill"]["registry"]["modelName"], v["serve"]["modelName"]]))
+    env = env_of(c)
+    assert env["MLFLOW_TRACKING_URI"]["value"] == f"http://{RELEASE}-mlflow.{NAMESPACE}.svc:5000"
+    admin = m["auth"]["adminSecret"]
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": admin["name"],
+                                                                          "key": admin["passwordKey"]}
+    for role, key in (("TRAINING", "trainingSecret"), ("SERVING", "servingSecret")):
+        secret = m["auth"][key]
+        assert env[f"TDM_{role}_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": secret["name"],
+                                                                            "key": secret["passwordKey"]}
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap"]
+    assert cm["data"]["mlflow_bootstrap.py"].rstrip() == (CHART / "files" / "mlflow_bootstrap.py").read_text().rstrip()
+    script = {vol["name"]: vol for vol in pod["volumes"]}["script"]
+    assert script["configMap"]["name"] == cm["metadata"]["name"]
+    assert {"name": "script", "mountPath": "/etc/tdm/mlflow-bootstrap", "readOnly": True} in c["volumeMounts"]
 
 
 def expected_serve_sources(values: dict) -> list[dict] | None:
@@ -477,11 +801,16 @@ def test_network_policies(chart, scenario):
     sources = expected_serve_sources(v)
     assert rule == ({"ports": [{"port": 8000, "protocol": "TCP"}]} if sources is None else
                     {"ports": [{"port": 8000, "protocol": "TCP"}], "from": sources})
+    egress = v["networkPolicy"]["egress"]
+    s3_open = bool(egress["objectStore"]["cidrs"] or egress["objectStore"]["extraTo"])
     for name in (f"{RELEASE}-ray-distill", f"{RELEASE}-ray-serve"):
         egress_ports = {p["port"] for r in policies[name]["egress"] for p in r.get("ports", [])}
-        assert 53 in egress_ports and 443 in egress_ports
+        assert 53 in egress_ports
         assert (5000 in egress_ports) or not v["mlflow"]["enabled"]
-        if v["s3"]["endpointUrl"]:
+        assert (443 in egress_ports) == (s3_open or bool(egress["modelHub"]["cidrs"] or egress["modelHub"]["extraTo"])
+                                         or (not v["mlflow"]["enabled"] and bool(egress["externalMlflow"]["cidrs"]))
+                                         or (name.endswith("serve") and v["serve"]["autoscaling"]["enabled"]))
+        if v["s3"]["endpointUrl"] and s3_open:
             assert 9000 in egress_ports
         # the autoscaler sidecar reaches the API server
         assert (6443 in egress_ports) == (name.endswith("serve") and v["serve"]["autoscaling"]["enabled"])
@@ -490,6 +819,11 @@ def test_network_policies(chart, scenario):
     if v["mlflow"]["enabled"]:
         (rule,) = policies[f"{RELEASE}-mlflow"]["ingress"]
         assert rule["ports"] == [{"port": 5000, "protocol": "TCP"}]
+        (sources,) = [p["podSelector"]["matchExpressions"] for p in rule["from"] if "podSelector" in p]
+        bootstrap = ["mlflow-bootstrap"] if v["mlflow"]["auth"]["enabled"] else []
+        assert sources == [{"key": "app.kubernetes.io/component", "operator": "In",
+                            "values": ["ray-distill", "ray-serve", *bootstrap]}]
+        assert (f"{RELEASE}-mlflow-bootstrap" in policies) == v["mlflow"]["auth"]["enabled"]
     # every Ray pod is selected by a policy of its own cluster
     for o in objs:
         if o["kind"] in ("RayJob", "RayService"):
@@ -756,6 +1090,33 @@ BAD_VALUES = {
     "unknown networkPolicy.serve key": ({"networkPolicy": {"serve": {"from": []}}}, "additional properties 'from'"),
     "extraFrom not a list": ({"networkPolicy": {"serve": {"extraFrom": {"podSelector": {}}}}},
                              "'/networkPolicy/serve/extraFrom'"),
+    # the hardening's values
+    "autoscaling without the API server's egress": (
+        {"serve": {"autoscaling": {"enabled": True}}},
+        "serve.autoscaling.enabled: the KubeRay autoscaler sidecar talks to the Kubernetes API, which the network "
+        "policy denies until you name it: set networkPolicy.egress.kubernetesApi.cidrs"),
+    "one ServiceAccount name for all": ({"serviceAccount": {"name": "tdm"}},
+                                        "additional properties 'name' not allowed"),
+    "no ephemeral-storage limit": ({"distill": {"workers": {"resources": {"limits": {"ephemeral-storage": None}}}}},
+                                   "missing property 'ephemeral-storage'"),
+    "no ephemeral-storage request on MLflow": ({"mlflow": {"resources": {"requests": {"ephemeral-storage": None}}}},
+                                               "missing property 'ephemeral-storage'"),
+    "scratch size not a quantity": ({"serve": {"scratch": {"tmp": "lots"}}}, "'/serve/scratch/tmp'"),
+    "scratch without a size": ({"distill": {"scratch": {"tdmHome": None}}}, "missing property 'tdmHome'"),
+    "auth without the training Secret": ({"mlflow": {"auth": {"trainingSecret": {"name": ""}}}},
+                                         "'/mlflow/auth/trainingSecret/name': minLength"),
+    "auth without the serving Secret": ({"mlflow": {"auth": {"servingSecret": {"name": ""}}}},
+                                        "'/mlflow/auth/servingSecret/name': minLength"),
+    "auth server without the admin Secret": ({"mlflow": {"auth": {"adminSecret": {"name": ""}}}},
+                                             "'/mlflow/auth/adminSecret/name': minLength"),
+    "default permission is not a value": ({"mlflow": {"auth": {"defaultPermission": "EDIT"}}},
+                                          "additional properties 'defaultPermission' not allowed"),
+    "egress CIDRs not a list": ({"networkPolicy": {"egress": {"database": {"cidrs": "10.0.0.0/8"}}}},
+                                "'/networkPolicy/egress/database/cidrs'"),
+    "unknown egress key": ({"networkPolicy": {"egress": {"database": {"cidr": ["10.0.0.0/8"]}}}},
+                           "additional properties 'cidr' not allowed"),
+    "checkpoint Secret key empty": ({"s3": {"checkpointsCredentialsSecret": {"accessKeyIdKey": ""}}},
+                                    "'/s3/checkpointsCredentialsSecret/accessKeyIdKey'"),
 }
 
 
@@ -803,3 +1164,240 @@ def test_the_example_values_files_are_checked():
     assert {f.stem for f in EXAMPLES} >= {"video-wan", "video-toy"}
     wan = values_of("example:video-wan")
     assert wan["distill"]["preset"] == "wan2.1-t2v-1.3b-tdm" and wan["serve"]["videoStore"]["uri"].startswith("s3://")
+
+
+# ------------------------------------------------------------------------------------------ egress
+
+def egress_rules(objs: list[dict]) -> list[tuple[str, dict]]:
+    return [(o["metadata"]["name"], rule) for o in objs if o["kind"] == "NetworkPolicy"
+            for rule in o["spec"].get("egress", [])]
+
+
+DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_egress_rule_names_its_destinations(chart, scenario):
+    """A NetworkPolicy egress rule without `to` allows every destination: the chart renders none (a target
+    of networkPolicy.egress without cidrs or extraTo gets no rule at all)."""
+    for name, rule in egress_rules(objects(chart, scenario)):
+        assert rule.get("to"), f"{name}: an egress rule without `to` ({rule})"
+
+
+def test_default_egress_stays_in_the_cluster(chart):
+    """With the default values no NetworkPolicy lets anything out of the cluster: no 0.0.0.0/0, no ipBlock at
+    all. What remains is in-cluster: DNS (port 53 in any namespace), the pods of the same Ray cluster, the
+    chart's MLflow, the distill head for the submitter."""
+    objs = objects(chart, "default")
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert len(policies) == 5
+    assert not any("0.0.0.0/0" in text for text in render(chart, "default").values())
+    for name, rule in egress_rules(objs):
+        for peer in rule["to"]:
+            assert "ipBlock" not in peer, name
+            if "namespaceSelector" in peer:                  # any namespace: only for DNS
+                assert peer == {"namespaceSelector": {}} and rule["ports"] == DNS_PORTS, name
+            else:                                          # a pod of this release, in its namespace
+                labels = peer["podSelector"]["matchLabels"]
+                assert labels["app.kubernetes.io/instance"] == RELEASE, name
+
+
+#: target -> (extra values, the policies that get its rule)
+EGRESS_TARGETS = {
+    "objectStore": ({}, {"ray-distill", "ray-serve", "mlflow"}),
+    "modelHub": ({}, {"ray-distill", "ray-serve"}),
+    "database": ({}, {"mlflow"}),
+    "externalMlflow": ({"mlflow": {"enabled": False, "externalUri": "https://mlflow.example.com"}},
+                       {"ray-distill", "ray-serve"}),
+    "kubernetesApi": ({"serve": {"autoscaling": {"enabled": True}}}, {"ray-serve"}),
+}
+
+
+@pytest.mark.parametrize("target", EGRESS_TARGETS)
+def test_an_egress_target_opens_where_it_is_used(chart, target):
+    """Setting one target's cidrs and extraTo renders them (ipBlocks, then the peers) on the target's ports
+    in exactly the policies of the pods that use it; nothing else opens."""
+    extra, users = EGRESS_TARGETS[target]
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "infra"}}}
+    values = deep_merge(extra, {"networkPolicy": {"egress": {target: {"cidrs": ["192.0.2.0/24", "198.51.100.7/32"],
+                                                                      "extraTo": [peer]}}}})
+    objs = render_objects(chart, values)
+    ports = [{"port": p, "protocol": "TCP"} for p in _defaults()["networkPolicy"]["egress"][target]["ports"]]
+    expected = {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}, {"ipBlock": {"cidr": "198.51.100.7/32"}}, peer],
+                "ports": ports}
+    opened = {name.removeprefix(f"{RELEASE}-") for name, rule in egress_rules(objs) if rule == expected}
+    assert opened == users
+    ip_rules = [(name, rule) for name, rule in egress_rules(objs) if any("ipBlock" in p for p in rule["to"])]
+    assert len(ip_rules) == len(users)
+    for obj in ray_objects_last(objs):
+        assert_valid(obj)
+
+
+def test_the_s3_endpoint_port_joins_the_object_store_rule(chart):
+    objs = objects(chart, "egress")
+    rules = dict((name, rule) for name, rule in egress_rules(objs)
+                 if {"ipBlock": {"cidr": "10.0.0.0/8"}} in rule["to"])
+    assert set(rules) == {f"{RELEASE}-ray-distill", f"{RELEASE}-ray-serve", f"{RELEASE}-mlflow"}
+    for rule in rules.values():
+        assert rule["ports"] == [{"port": 443, "protocol": "TCP"}, {"port": 9000, "protocol": "TCP"}]
+        assert rule["to"][1] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}
+    (db,) = [rule for name, rule in egress_rules(objs) if name == f"{RELEASE}-mlflow"
+             and {"port": 5432, "protocol": "TCP"} in rule.get("ports", [])]
+    assert db["to"] == values_of("egress")["networkPolicy"]["egress"]["database"]["extraTo"]
+
+
+def test_notes_name_the_closed_egress_targets(chart):
+    assert "denied: objectStore, modelHub, database" in notes(chart, "default")
+    assert "denied:" not in notes(chart, "egress")
+
+
+# ------------------------------------------------------------------------ S3 credentials by component
+
+def test_checkpoint_credentials_are_the_distill_pods_own(chart):
+    """s3.checkpointsCredentialsSecret: the distill pods' every S3 access (checkpoints and the s3:// teacher:
+    tdm reads one set of AWS_* variables) uses it; MLflow (artifacts) and the serve pods (an s3:// decoder)
+    keep s3.credentialsSecret, which the distill pods never see."""
+    objs = objects(chart, "checkpoint_credentials")
+    for where, pod in pod_specs(objs):
+        for c in pod["containers"]:
+            env = env_of(c)
+            if "AWS_ACCESS_KEY_ID" not in env:
+                continue
+            ref = env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]
+            expected = ({"name": "tdm-checkpoints", "key": "id"} if where.startswith("RayJob")
+                        else {"name": "tdm-s3", "key": "AWS_ACCESS_KEY_ID"})
+            assert ref == expected, where
+    assert "tdm-s3" not in yaml.safe_dump(one(objs, "RayJob"))
+    assert "tdm-checkpoints" not in yaml.safe_dump([o for o in objs if o["kind"] != "RayJob"])
+    assert "create secret generic tdm-checkpoints" in notes(chart, "checkpoint_credentials")
+
+
+# --------------------------------------------------------------------- MLflow authentication, for real
+
+def _kubelet_env(container: dict, secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The container's environment with its secretKeyRefs resolved from `secrets` ({name: {key: value}})."""
+    env = {}
+    for var in container.get("env", []):
+        if "valueFrom" in var:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = secrets[ref["name"]][ref["key"]]
+        else:
+            env[var["name"]] = var["value"]
+    return env
+
+
+def _in_pod_tmp(env: dict[str, str], tmp: Path) -> dict[str, str]:
+    """The pod's /tmp emptyDir played by a fresh directory; PATH is this venv's (the image's Python)."""
+    out = {k: (str(tmp) + v[len(TMP):] if v == TMP or v.startswith(TMP + "/") else v) for k, v in env.items()}
+    return {**out, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_auth_config_is_written_from_the_environment(chart, tmp_path):
+    """The MLflow container's start script, run by /bin/sh with a stand-in `mlflow` that reads the auth
+    config the way MLflow does (mlflow.server.auth.config.read_auth_config): default_permission and the
+    database URI (with a '%' that configparser would otherwise reject) come through exactly, the admin comes
+    from the environment, the file is private to its owner, and the arguments reach `mlflow server` as given."""
+    objs = render_objects(chart, {})
+    (c,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    uri = "postgresql+psycopg2://mlflow:p%40ss%word@pg.db.svc:5432/mlflow"
+    secrets = {"tdm-mlflow-db": {"uri": uri}, "tdm-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "k"},
+               "tdm-mlflow-admin": {"username": "root-user", "password": "an admin password", "flask-secret-key": "f"}}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "mlflow"
+    # mlflow/server/auth/config.py by its path: the package's __init__ needs Flask-WTF, the config reader not
+    import mlflow
+
+    config_py = Path(mlflow.__file__).parent / "server" / "auth" / "config.py"
+    fake.write_text(f"#!{sys.executable}\nCONFIG_PY = {str(config_py)!r}\n" + """import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("auth_config", CONFIG_PY)
+config = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(config)
+cfg = config.read_auth_config()
+print(json.dumps({"argv": sys.argv[1:], "default_permission": cfg.default_permission,
+                  "database_uri": cfg.database_uri, "admin": [cfg.admin_username, cfg.admin_password],
+                  "mode": oct(os.stat(os.environ["MLFLOW_AUTH_CONFIG_PATH"]).st_mode & 0o777)}))
+""")
+    fake.chmod(0o755)
+    env = _in_pod_tmp(_kubelet_env(c, secrets), tmp_path / "pod-tmp")
+    (tmp_path / "pod-tmp").mkdir()
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    out = subprocess.run(c["command"] + c["args"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["argv"] == ["server", "--app-name", "basic-auth", *c["args"]]
+    assert got["database_uri"] == uri and got["default_permission"] == "READ"
+    assert got["admin"] == ["root-user", "an admin password"]
+    assert got["mode"] == "0o600"
+    assert uri not in " ".join(c["command"] + c["args"])
+
+
+@pytest.mark.slow
+def test_rendered_mlflow_auth_and_bootstrap_give_each_role_its_rights(chart, tmp_path, monkeypatch):
+    """The rendered MLflow container (its start script and `mlflow server --app-name basic-auth`, on SQLite
+    here) and the rendered bootstrap Job's command against it, twice (idempotent): the training user may log
+    a run in the experiment, register a version and move the alias; the serving user may read the alias but
+    not move it, nor register a version; a wrong password is refused."""
+    import flask_wtf  # noqa: F401 - mlflow's basic-auth app needs it (mlflow[auth], in the test extra and the image)
+    from conftest import free_port
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    port = free_port()
+    objs = render_objects(chart, {"mlflow": {"port": port, "workers": 1}})
+    (server,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (job,) = bootstrap_job(objs)["spec"]["template"]["spec"]["containers"]
+    users = {"admin": ("root-user", "admin-password-123"), "training": ("trainer", "training-password-123"),
+             "serving": ("server", "serving-password-123")}
+    secrets = {"tdm-mlflow-db": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+               "tdm-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"},
+               "tdm-mlflow-admin": {"username": users["admin"][0], "password": users["admin"][1],
+                                    "flask-secret-key": "0123456789abcdef"},
+               **{f"tdm-mlflow-{role}": dict(zip(("username", "password"), users[role]))
+                  for role in ("training", "serving")}}
+    pod_tmp = tmp_path / "pod-tmp"
+    pod_tmp.mkdir()
+    log = tmp_path / "mlflow.log"
+    uri = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(server["command"] + server["args"],
+                                env=_in_pod_tmp(_kubelet_env(server, secrets), pod_tmp),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_health(uri, proc, log, 180)
+        job_env = _in_pod_tmp(_kubelet_env(job, secrets), pod_tmp)
+        job_env["MLFLOW_TRACKING_URI"] = uri                     # the DNS stand-in
+        script = str(CHART / "files" / "mlflow_bootstrap.py")
+        argv = [sys.executable, script, *job["command"][2:]]
+        for attempt in ("created", "updated"):
+            ran = subprocess.run(argv, env=job_env, capture_output=True, text=True, timeout=120)
+            assert ran.returncode == 0, ran.stdout + ran.stderr
+            assert f"user trainer: {attempt}" in ran.stdout and f"user server: {attempt}" in ran.stdout
+        assert "registered_model tdm-student: trainer MANAGE, server READ" in ran.stdout
+
+        def as_user(role: str) -> MlflowClient:
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", users[role][0])
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", users[role][1])
+            return MlflowClient(uri)
+
+        trainer = as_user("training")
+        experiment = trainer.get_experiment_by_name("tdm")
+        run = trainer.create_run(experiment.experiment_id)
+        trainer.log_metric(run.info.run_id, "loss", 0.5)
+        version = trainer.create_model_version("tdm-student", "s3://tdm/mlflow/model", tags={"by": "trainer"})
+        trainer.set_registered_model_alias("tdm-student", "champion", version.version)
+        server_client = as_user("serving")
+        assert server_client.get_model_version_by_alias("tdm-student", "champion").version == version.version
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|Permission denied"):
+            server_client.set_registered_model_alias("tdm-student", "champion", "1")
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|Permission denied"):
+            server_client.create_model_version("tdm-student", "s3://elsewhere/model")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+        with pytest.raises(MlflowException, match="401|Unauthorized|UNAUTHENTICATED"):
+            MlflowClient(uri).get_registered_model("tdm-student")
+        assert secrets["tdm-mlflow-db"]["uri"] not in " ".join(server["command"] + server["args"])
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

@@ -31,6 +31,7 @@ import pytest
 import requests
 import yaml
 from conftest import free_port
+from k8s_helpers import tail, wait_for_health
 from test_chart import CHART, NAMESPACE, RELEASE, env_of, one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +81,6 @@ def container_env(container: dict, secrets: dict[str, dict[str, str]]) -> dict[s
     return env
 
 
-def tail(path: Path, n: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
-
-
 # ------------------------------------------------------------------------------------------ servers
 
 @pytest.fixture(scope="module")
@@ -114,7 +111,9 @@ def release(s3_server, tiny_toy_dir, tmp_path_factory) -> dict:
     prompts = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     port = free_port()
-    values = {"mlflow": {"port": port, "artifactsPrefix": PREFIX},
+    # MLflow's basic-auth (on by default) is tested end to end in test_chart.py; here the stack runs without
+    # it, so the job needs no credential Secrets
+    values = {"mlflow": {"port": port, "artifactsPrefix": PREFIX, "auth": {"enabled": False}},
               "s3": {"bucket": BUCKET, "endpointUrl": s3_server["AWS_ENDPOINT_URL"],
                      "region": s3_server["AWS_DEFAULT_REGION"]},
               "image": {"appDir": str(ROOT)},     # the job's working_dir: this checkout plays the image's /app
@@ -134,7 +133,7 @@ def release(s3_server, tiny_toy_dir, tmp_path_factory) -> dict:
         chart.close()
     objs = [doc for path, text in sorted(rendered.items()) if not path.endswith("NOTES.txt")
             for doc in yaml.safe_load_all(text) if doc]
-    return {"port": port, "objects": objs,
+    return {"port": port, "objects": objs, "scratch": tmp_path_factory.mktemp("pod-scratch"),
             "in_cluster_uri": f"http://{RELEASE}-mlflow.{NAMESPACE}.svc:{port}"}
 
 
@@ -171,19 +170,7 @@ def mlflow_server(release, postgres, s3_server, tmp_path_factory):
                                 start_new_session=True)       # its own process group: the workers die with it
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}: {argv}\n{tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health in {START_TIMEOUT_S}s\n{tail(log)}")
-            time.sleep(0.5)
+        wait_for_health(uri, proc, log, START_TIMEOUT_S)
         yield Server(uri, argv, env, log)
     finally:
         _stop(proc)
@@ -210,6 +197,13 @@ def _pod_env(container: dict, s3_server: dict, release: dict, server: Server) ->
                                  secret_ref["key"]: s3_server["AWS_SECRET_ACCESS_KEY"]}}
     env = container_env(container, secrets)
     env["MLFLOW_TRACKING_URI"] = local_uri(env["MLFLOW_TRACKING_URI"], release, server)
+    # the pod's writable places (emptyDirs at /tmp and /var/lib/tdm under a read-only root) become a
+    # private directory here
+    scratch = release["scratch"]
+    for key, value in env.items():
+        for mount in ("/var/lib/tdm", "/tmp"):
+            if value == mount or value.startswith(mount + "/"):
+                env[key] = str(scratch / mount.strip("/").replace("/", "_")) + value[len(mount):]
     return env
 
 
@@ -271,7 +265,9 @@ def test_server_runs_the_rendered_command_line(mlflow_server, postgres, s3_serve
     port = uri.rsplit(":", 1)[1]
     assert argv[:6] == ["mlflow", "server", "--host", "0.0.0.0", "--port", port]
     flags = dict(zip(argv, argv[1:]))
-    assert flags["--backend-store-uri"] == postgres                      # $(MLFLOW_BACKEND_STORE_URI) expanded
+    # the database URI (password included) is in the environment, from its Secret, never in the arguments
+    assert env["MLFLOW_BACKEND_STORE_URI"] == postgres and "--backend-store-uri" not in argv
+    assert not any(postgres in a for a in argv)
     assert flags["--artifacts-destination"] == f"s3://{BUCKET}/{PREFIX}" and "--serve-artifacts" in argv
     assert env["MLFLOW_S3_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL"] == s3_server["AWS_ENDPOINT_URL"]
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"

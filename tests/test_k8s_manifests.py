@@ -1,7 +1,8 @@
 """The plain manifests in k8s/ (generated from charts/tdm by k8s/generate.py) and the image the chart runs
 (Dockerfile), offline: k8s/ equals a fresh render, every object validates like the chart's own (strict
 kubernetes-validate, strict KubeRay CRD schemas), no literal credentials, and the Dockerfile provides what
-the chart assumes (app dir, non-root uid, pinned install) with no docker daemon."""
+the chart assumes (app dir, non-root uid owning none of the code, pinned install, MLflow's auth extra) with
+no docker daemon."""
 import copy
 import importlib.util
 import posixpath
@@ -18,8 +19,8 @@ from k8s_helpers import SENSITIVE_ENV, assert_valid, credential_problems, ray_ob
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 VALUES = yaml.safe_load((ROOT / "charts" / "tdm" / "values.yaml").read_text())
-FILES = {"serviceaccount.yaml", "mlflow.yaml", "pvc-runs.yaml", "rayjob-distill.yaml", "rayservice.yaml",
-         "networkpolicy.yaml"}
+FILES = {"serviceaccount.yaml", "mlflow.yaml", "mlflow-bootstrap.yaml", "pvc-runs.yaml", "rayjob-distill.yaml",
+         "rayservice.yaml", "networkpolicy.yaml"}
 
 _spec = importlib.util.spec_from_file_location("k8s_generate", K8S / "generate.py")
 generate = importlib.util.module_from_spec(_spec)
@@ -71,18 +72,21 @@ def test_manifests_are_plain_kubectl_manifests():
         assert text.startswith("# GENERATED from the Helm chart charts/tdm"), name
         assert "helm.sh" not in text and "managed-by: Helm" not in text, name
     objs = manifest_objects()
-    assert sorted({o["kind"] for o in objs}) == ["Deployment", "NetworkPolicy", "PersistentVolumeClaim",
-                                                 "RayJob", "RayService", "Service", "ServiceAccount"]
+    assert sorted({o["kind"] for o in objs}) == ["ConfigMap", "Deployment", "Job", "NetworkPolicy",
+                                                 "PersistentVolumeClaim", "RayJob", "RayService", "Service",
+                                                 "ServiceAccount"]
     for obj in objs:
         meta = obj["metadata"]
         assert meta["namespace"] == generate.NAMESPACE, meta["name"]
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubectl", meta["name"]
-        assert "annotations" not in meta, meta["name"]        # only helm.sh/resource-policy was there
+        assert "annotations" not in meta, meta["name"]        # only helm.sh/resource-policy and hook ones were there
 
 
 def test_every_object_validates():
     objs = manifest_objects()
-    assert len(objs) == 10
+    # 4 ServiceAccounts, MLflow's Deployment + Service, its bootstrap ConfigMap + Job, the claim, the RayJob,
+    # the RayService, 5 NetworkPolicies
+    assert len(objs) == 16
     for obj in ray_objects_last(objs):
         assert_valid(obj)
 
@@ -102,7 +106,24 @@ def test_no_literal_credentials_and_the_readme_creates_every_secret():
     created = {(m.group(1), key) for m in re.finditer(r"create secret generic (\S+)(.*)", readme)
                for key in re.findall(r"--from-literal=([\w.-]+)=", m.group(2))}
     assert refs == created == {("tdm-s3", "AWS_ACCESS_KEY_ID"), ("tdm-s3", "AWS_SECRET_ACCESS_KEY"),
-                               ("tdm-mlflow-db", "uri")}
+                               ("tdm-mlflow-db", "uri"), ("tdm-mlflow-admin", "username"),
+                               ("tdm-mlflow-admin", "password"), ("tdm-mlflow-admin", "flask-secret-key"),
+                               ("tdm-mlflow-training", "username"), ("tdm-mlflow-training", "password"),
+                               ("tdm-mlflow-serving", "username"), ("tdm-mlflow-serving", "password")}
+
+
+def test_default_manifests_are_locked_down():
+    """The plain manifests carry the chart's hardening: read-only root filesystems, no egress out of the
+    cluster (no ipBlock), MLflow with authentication, no API token mounted anywhere."""
+    texts, objs = manifest_texts(), manifest_objects()
+    assert not any("0.0.0.0/0" in text or "ipBlock" in text for text in texts.values())
+    containers = [c for o in objs for node in walk(o) if "containers" in node for c in node["containers"]]
+    assert len(containers) == 7          # MLflow, bootstrap, submitter, distill head + worker, serve head + worker
+    assert all(c["securityContext"]["readOnlyRootFilesystem"] is True for c in containers)
+    assert all(node["automountServiceAccountToken"] is False for o in objs for node in walk(o)
+               if "automountServiceAccountToken" in node)
+    (mlflow,) = [o for o in objs if o["kind"] == "Deployment"]
+    assert "--app-name basic-auth" in mlflow["spec"]["template"]["spec"]["containers"][0]["command"][2]
 
 
 # -------------------------------------------------------------------------------------- Dockerfile
@@ -143,11 +164,32 @@ def test_dockerfile_builds_what_the_chart_runs():
     assert base == f"rayproject/ray:{VALUES['ray']['version']}-py311"
     # runs as the chart's non-root uid, in the chart's app dir
     users = [a for i, a in instructions if i == "USER"]
-    assert users[-1] == str(VALUES["securityContext"]["runAsUser"]) and users[-1] not in ("0", "root")
+    runtime = str(VALUES["securityContext"]["runAsUser"])
+    assert users[-1] == runtime and users[-1] not in ("0", "root")
+    assert instructions[-1] == ("USER", runtime)             # nothing runs after it at build time
     assert [a for i, a in instructions if i == "WORKDIR"][-1] == app_dir
     # every pip install is pinned by constraints.txt
     pips = [a for i, a in instructions if i == "RUN" and "pip install" in a]
     assert pips and all("-c constraints.txt" in a for a in pips)
+    # the MLflow server's basic-auth app (the chart's default) needs mlflow's auth extra (Flask-WTF)
+    assert VALUES["mlflow"]["auth"]["enabled"] and any('"mlflow[auth]"' in a and "Flask-WTF==" in a for a in pips)
+    # the runtime user owns none of the code: every COPY and install runs as root, COPY keeps root as owner,
+    # the Python prefix the base image gave uid 1000 goes to root without group/other write, and the base
+    # image's passwordless sudo for it is taken back
+    user = "1000"                                            # rayproject/ray's own USER
+    for instruction, a in instructions:
+        if instruction == "USER":
+            user = a
+        elif instruction == "COPY":
+            assert user == "root" and "--chown" not in a, f"COPY {a} as {user}"
+        elif instruction == "RUN":
+            assert user == "root", f"RUN {a[:60]} as {user}"
+    deps = next(a for i, a in instructions if i == "RUN" and "-r /tmp/requirements.txt" in a)
+    assert 'prefix="$(python -c \'import sys; print(sys.prefix)\')"' in deps
+    assert deps.index("pip install") < deps.index('chown -R 0:0 "$prefix"') < deps.index('chmod -R go-w "$prefix"')
+    assert any(i == "RUN" and "chmod -R go-w /app" in a for i, a in instructions)
+    assert any(i == "RUN" and "/^ray ALL=NOPASSWD: ALL$/d" in a and "gpasswd -d ray sudo" in a
+               for i, a in instructions)
     # COPY sources exist, are in the build context, and tdm/ + pipelines/ land in the app dir
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]

@@ -37,11 +37,14 @@ app.kubernetes.io/part-of: tdm
 {{- end }}
 {{- end -}}
 
+{{/* The ServiceAccount of a component (list root "distill"|"serve"|"mlflow"|"jobs"). */}}
 {{- define "tdm.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create -}}
-{{- default (include "tdm.fullname" .) .Values.serviceAccount.name -}}
+{{- $root := index . 0 -}}{{- $component := index . 1 -}}
+{{- $sa := index $root.Values.serviceAccount $component -}}
+{{- if $root.Values.serviceAccount.create -}}
+{{- default (printf "%s-%s" (include "tdm.fullname" $root) $component | trunc 63 | trimSuffix "-") $sa.name -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+{{- default "default" $sa.name -}}
 {{- end -}}
 {{- end -}}
 
@@ -128,22 +131,53 @@ app.kubernetes.io/part-of: tdm
 {{- end }}
 {{- end -}}
 
-{{/* AWS_* variables for pyarrow/boto3 (and MLflow's S3 client). Credentials only by secretKeyRef. */}}
+{{/* AWS_* variables for pyarrow/boto3 (and MLflow's S3 client), the keys from s3.credentialsSecret.
+     Credentials only by secretKeyRef. */}}
 {{- define "tdm.s3.env" -}}
-{{- $s3 := .Values.s3 -}}
+{{- include "tdm.s3.envWith" (list . .Values.s3.credentialsSecret) -}}
+{{- end -}}
+
+{{/* The same with the keys from another Secret (list root {name, accessKeyIdKey, secretAccessKeyKey}). */}}
+{{- define "tdm.s3.envWith" -}}
+{{- $root := index . 0 -}}{{- $secret := index . 1 -}}
 - name: AWS_DEFAULT_REGION
-  value: {{ $s3.region | quote }}
-{{- include "tdm.s3.endpointEnv" (list . "AWS_ENDPOINT_URL") }}
+  value: {{ $root.Values.s3.region | quote }}
+{{- include "tdm.s3.endpointEnv" (list $root "AWS_ENDPOINT_URL") }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ $s3.credentialsSecret.name }}
-      key: {{ $s3.credentialsSecret.accessKeyIdKey }}
+      name: {{ $secret.name }}
+      key: {{ $secret.accessKeyIdKey }}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ $s3.credentialsSecret.name }}
-      key: {{ $s3.credentialsSecret.secretAccessKeyKey }}
+      name: {{ $secret.name }}
+      key: {{ $secret.secretAccessKeyKey }}
+{{- end -}}
+
+{{/* The Secret of the distill pods' S3 access: s3.checkpointsCredentialsSecret, else s3.credentialsSecret. */}}
+{{- define "tdm.s3.checkpointsSecret" -}}
+{{- $s3 := .Values.s3 -}}
+{{- toJson (ternary $s3.checkpointsCredentialsSecret $s3.credentialsSecret (ne $s3.checkpointsCredentialsSecret.name "")) -}}
+{{- end -}}
+
+{{/* MLFLOW_TRACKING_USERNAME / _PASSWORD from mlflow.auth.<which> (list root "trainingSecret"|"servingSecret"),
+     nothing when mlflow.auth.enabled is false. The MLflow client of tdm reads them. */}}
+{{- define "tdm.mlflow.credentialsEnv" -}}
+{{- $auth := (index . 0).Values.mlflow.auth -}}
+{{- if $auth.enabled -}}
+{{- $secret := index $auth (index . 1) }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret.name }}
+      key: {{ $secret.usernameKey }}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret.name }}
+      key: {{ $secret.passwordKey }}
+{{- end -}}
 {{- end -}}
 
 {{/* ------------------------------------------------------------------ network policy */}}
@@ -178,12 +212,45 @@ seccompProfile:
 {{- define "tdm.containerSecurityContext" -}}
 runAsNonRoot: true
 runAsUser: {{ int .Values.securityContext.runAsUser }}
+readOnlyRootFilesystem: true
 allowPrivilegeEscalation: false
 capabilities:
   drop:
     - ALL
 seccompProfile:
   type: RuntimeDefault
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ writable space */}}
+
+{{/* Every container's root filesystem is read-only. What may be written goes to emptyDirs of a set
+     size (the components' `scratch` values): /tmp in every pod, and TDM_HOME in the Ray pods. */}}
+{{- define "tdm.tmpDir" -}}/tmp{{- end -}}
+{{- define "tdm.tdmHome" -}}/var/lib/tdm{{- end -}}
+
+{{/* Env of a container with a read-only root filesystem: HOME and every cache a library keeps under it
+     (XDG, matplotlib; pip, torch and triton follow HOME/XDG_CACHE_HOME) go to the /tmp emptyDir.
+     TMPDIR=/tmp keeps Ray's temp dir at /tmp/ray ($RAY_TMPDIR, else $TMPDIR, else /tmp; + /ray), so the
+     one /tmp emptyDir holds Ray's sessions, logs and spilled objects too. */}}
+{{- define "tdm.scratchEnv" -}}
+- {name: HOME, value: {{ include "tdm.tmpDir" . }}}
+- {name: TMPDIR, value: {{ include "tdm.tmpDir" . }}}
+- {name: XDG_CACHE_HOME, value: {{ include "tdm.tmpDir" . }}/.cache}
+- {name: XDG_CONFIG_HOME, value: {{ include "tdm.tmpDir" . }}/.config}
+- {name: MPLCONFIGDIR, value: {{ include "tdm.tmpDir" . }}/matplotlib}
+- {name: PYTHONDONTWRITEBYTECODE, value: "1"}
+{{- end -}}
+
+{{/* TDM_HOME (tdm's caches: downloads, the model cache, text embeddings) on its own emptyDir, and the
+     Hugging Face cache (hub teachers, CLIP models, decoders) under it rather than in /tmp. */}}
+{{- define "tdm.tdmHomeEnv" -}}
+- {name: TDM_HOME, value: {{ include "tdm.tdmHome" . }}}
+- {name: HF_HOME, value: {{ include "tdm.tdmHome" . }}/cache/huggingface}
+{{- end -}}
+
+{{/* The /tmp emptyDir of a pod (argument: its sizeLimit), one flow-style volume. */}}
+{{- define "tdm.tmpVolume" -}}
+{name: tmp, emptyDir: {sizeLimit: {{ . }}}}
 {{- end -}}
 
 {{/* ------------------------------------------------------------------ distill command line */}}
@@ -357,19 +424,36 @@ seccompProfile:
      cfg        .Values.distill or .Values.serve (head, workers, env)
      gpus       GPUs per worker pod (0 = CPU)
      replicas, minReplicas, maxReplicas   of the worker group
-     autoscaling  KubeRay in-tree autoscaler
+     autoscaling  KubeRay in-tree autoscaler (then autoscalerResources: its sidecar's resources)
      env        extra EnvVar list for every Ray container
      volumes, volumeMounts  extra ones for every Ray pod
-     ports      extra container ports (list of ContainerPort) for every Ray container */}}
+     ports      extra container ports (list of ContainerPort) for every Ray container
+     workerReadinessProbe  a readinessProbe for the worker containers, or nil for KubeRay's own
+     Every Ray pod runs as the component's ServiceAccount, with /tmp and TDM_HOME emptyDirs sized by
+     cfg.scratch (the root filesystem is read-only). */}}
 {{- define "tdm.rayClusterSpec" -}}
 {{- $root := .root -}}
 {{- $cfg := .cfg -}}
 {{- $gpus := .gpus -}}
 {{- $image := ternary (include "tdm.gpuImage" $root) (include "tdm.image" $root) (gt (float64 $gpus) 0.0) -}}
 {{- $labels := merge (dict "app.kubernetes.io/component" (printf "ray-%s" .component)) (fromYaml (include "tdm.selectorLabels" $root)) -}}
-{{- $volumes := concat (list (dict "name" "dshm" "emptyDir" (dict "medium" "Memory" "sizeLimit" $root.Values.ray.shmSize))) .volumes -}}
-{{- $mounts := concat (list (dict "name" "dshm" "mountPath" "/dev/shm")) .volumeMounts -}}
-{{- $env := concat .env $cfg.env -}}
+{{- $tmp := include "tdm.tmpDir" $root -}}
+{{- $volumes := concat (list
+      (dict "name" "dshm" "emptyDir" (dict "medium" "Memory" "sizeLimit" $root.Values.ray.shmSize))
+      (dict "name" "tmp" "emptyDir" (dict "sizeLimit" $cfg.scratch.tmp))
+      (dict "name" "tdm-home" "emptyDir" (dict "sizeLimit" $cfg.scratch.tdmHome))) .volumes -}}
+{{- $mounts := concat (list
+      (dict "name" "dshm" "mountPath" "/dev/shm")
+      (dict "name" "tmp" "mountPath" $tmp)
+      (dict "name" "tdm-home" "mountPath" (include "tdm.tdmHome" $root))) .volumeMounts -}}
+{{- /* With the autoscaler, KubeRay shares Ray's log dir /tmp/ray between the head and its sidecar: unless
+       the head container already mounts something there, it adds an emptyDir "ray-logs" of no size limit
+       at /tmp/ray to both. Mounting the "ray" directory of the /tmp emptyDir there (and in the sidecar,
+       autoscalerOptions.volumeMounts) keeps one sized volume: the same files as /tmp/ray without it. */ -}}
+{{- $rayLogs := dict "name" "tmp" "mountPath" (printf "%s/ray" $tmp) "subPath" "ray" -}}
+{{- $headMounts := ternary (append $mounts $rayLogs) $mounts (eq (toString .autoscaling) "true") -}}
+{{- $env := concat (fromYamlArray (include "tdm.scratchEnv" $root)) (fromYamlArray (include "tdm.tdmHomeEnv" $root)) .env $cfg.env -}}
+{{- $sa := include "tdm.serviceAccountName" (list $root .component) -}}
 {{- $workerResources := deepCopy (default dict $cfg.workers.resources) -}}
 {{- $nodeSelector := $cfg.workers.nodeSelector -}}
 {{- $tolerations := $cfg.workers.tolerations -}}
@@ -397,9 +481,13 @@ autoscalerOptions:
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
   securityContext:
     {{- include "tdm.containerSecurityContext" $root | nindent 4 }}
+  env:
+    {{- include "tdm.scratchEnv" $root | nindent 4 }}
+  volumeMounts:
+    - {name: tmp, mountPath: {{ $tmp }}}
+    {{- toYaml (list $rayLogs) | nindent 4 }}
   resources:
-    requests: {cpu: 200m, memory: 256Mi}
-    limits: {cpu: 500m, memory: 512Mi}
+    {{- toYaml .autoscalerResources | nindent 4 }}
 {{- end }}
 headGroupSpec:
   rayStartParams:
@@ -411,8 +499,9 @@ headGroupSpec:
       labels:
         {{- toYaml $labels | nindent 8 }}
     spec:
-      serviceAccountName: {{ include "tdm.serviceAccountName" $root }}
-      # The in-tree autoscaler sidecar needs the API token; nothing else in the pod does.
+      serviceAccountName: {{ $sa }}
+      # The in-tree autoscaler sidecar needs the API token (KubeRay binds its Role to this
+      # ServiceAccount); nothing else in the pod does.
       automountServiceAccountToken: {{ .autoscaling }}
       securityContext:
         {{- include "tdm.podSecurityContext" $root | nindent 8 }}
@@ -452,8 +541,10 @@ headGroupSpec:
           {{- end }}
           resources:
             {{- toYaml $cfg.head.resources | nindent 12 }}
+          # Probes: KubeRay injects its own (raylet and GCS health), and for the head readiness must stay
+          # that: KubeRay sends the Serve config only once the head is ready.
           volumeMounts:
-            {{- toYaml $mounts | nindent 12 }}
+            {{- toYaml $headMounts | nindent 12 }}
       volumes:
         {{- toYaml $volumes | nindent 8 }}
 workerGroupSpecs:
@@ -472,7 +563,7 @@ workerGroupSpecs:
         labels:
           {{- toYaml $labels | nindent 10 }}
       spec:
-        serviceAccountName: {{ include "tdm.serviceAccountName" $root }}
+        serviceAccountName: {{ $sa }}
         automountServiceAccountToken: false
         securityContext:
           {{- include "tdm.podSecurityContext" $root | nindent 10 }}
@@ -509,6 +600,10 @@ workerGroupSpecs:
             {{- end }}
             resources:
               {{- toYaml $workerResources | nindent 14 }}
+            {{- with .workerReadinessProbe }}
+            readinessProbe:
+              {{- toYaml . | nindent 14 }}
+            {{- end }}
             volumeMounts:
               {{- toYaml $mounts | nindent 14 }}
         volumes:
@@ -562,5 +657,27 @@ workerGroupSpecs:
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
 {{- fail (printf "serve.autoscaling.minReplicas (%d) must not exceed serve.autoscaling.maxReplicas (%d)" (int $a.minReplicas) (int $a.maxReplicas)) -}}
 {{- end -}}
+{{- $api := $v.networkPolicy.egress.kubernetesApi -}}
+{{- if and $a.enabled $v.networkPolicy.enabled (not $api.cidrs) (not $api.extraTo) -}}
+{{- fail "serve.autoscaling.enabled: the KubeRay autoscaler sidecar talks to the Kubernetes API, which the network policy denies until you name it: set networkPolicy.egress.kubernetesApi.cidrs to the API server's addresses (kubectl get endpoints kubernetes), or networkPolicy.enabled=false" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* One egress rule to networkPolicy.egress.<target> (list root target extraPorts): `to` = its cidrs as
+     ipBlocks plus its extraTo peers, on its ports (TCP) plus extraPorts. Nothing at all when the target
+     names no destination: a rule without `to` would allow every destination. */}}
+{{- define "tdm.networkPolicy.egressRule" -}}
+{{- $root := index . 0 -}}
+{{- $t := index $root.Values.networkPolicy.egress (index . 1) -}}
+{{- $to := list -}}
+{{- range $t.cidrs }}{{ $to = append $to (dict "ipBlock" (dict "cidr" .)) }}{{ end -}}
+{{- $to = concat $to (default list $t.extraTo) -}}
+{{- if $to -}}
+{{- $nums := list -}}
+{{- range (concat $t.ports (index . 2)) }}{{ $nums = append $nums (int .) }}{{ end -}}
+{{- $ports := list -}}
+{{- range ($nums | uniq) }}{{ $ports = append $ports (dict "port" . "protocol" "TCP") }}{{ end -}}
+{{- toYaml (list (dict "to" $to "ports" $ports)) -}}
 {{- end -}}
 {{- end -}}
