@@ -107,7 +107,8 @@ def test_a_poisoned_request_in_a_real_batch_fails_alone(ray_cluster, tdm_home, t
                 break
         assert isolated() > 0       # it did share a batch, and only it failed
     finally:
-        serve.delete("poison")
+        # shut Serve down: a later module's serve.start with its own port must not find this proxy running
+        serve.shutdown()
 
 
 def test_isolation_is_counted():
