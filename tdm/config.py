@@ -432,6 +432,11 @@ def load_config(data: dict | None = None) -> TDMConfig:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(uri: str) -> bool:
+    """Whether a teacher.uri that is not an existing path names a hub model (org/name) rather than a path."""
+    return bool(HUB_ID.match(uri)) and not uri.startswith((".", "/", "~"))
+
+
 def _missing_teacher_path(data: dict) -> str | None:
     """teacher.uri when it is a local path (not a toy, registry, s3:// or hub id) that does not exist: what
     tdm.teacher.resolve_teacher refuses first."""
@@ -440,5 +445,4 @@ def _missing_teacher_path(data: dict) -> str | None:
     uri = (data.get("teacher") or {}).get("uri") if isinstance(data.get("teacher"), dict) else None
     if not isinstance(uri, str) or uri in TOY_TEACHERS or uri.startswith(("models:/", "s3://")):
         return None
-    hub_id = HUB_ID.match(uri) and not uri.startswith((".", "/", "~"))
-    return uri if not hub_id and not Path(uri).expanduser().exists() else None
+    return uri if not is_hub_id(uri) and not Path(uri).expanduser().exists() else None

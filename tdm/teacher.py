@@ -26,7 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import HUB_ID
+from .config import is_hub_id
 from .errors import ConfigError, TeacherChangedError, first_line
 from .spec import TeacherRef
 
@@ -49,7 +49,7 @@ def resolve_teacher(uri: str, field: str = "teacher.uri") -> TeacherRef:
         if not (path / INDEX_FILE).is_file():
             raise ConfigError(f"{field}: {path} is not a diffusers pipeline directory (no {INDEX_FILE})")
         return TeacherRef(kind="local", uri=uri, location=str(path), revision=f"sha256-{directory_hash(path)}")
-    if HUB_ID.match(uri) and not uri.startswith((".", "/", "~")):
+    if is_hub_id(uri):
         return _resolve_hub(uri, field)
     raise ConfigError(f"{field}: path does not exist: {uri}")
 
