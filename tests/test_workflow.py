@@ -259,7 +259,7 @@ def test_dry_run_prints_a_valid_rayjob_whose_entrypoint_round_trips(rendered, tm
     argv = ["--config", run_config(tmp_path), "--rayjob", rendered[0], "--rayservice", SERVICE,
             "--namespace", NAMESPACE, "--dry-run", "--kubeconfig", tmp_path / "no-such-kubeconfig",
             "--tracking-uri", "http://user:pw@mlflow:5000", "--train.max_steps", "70",
-            "--name", "Nightly Run: SD1.5 " + "x" * 60]
+            "--name", "Nightly_Run.SD1.5_" + "x" * 60]
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 0, err
     rayjob, plan = yaml.safe_load_all(out)
@@ -267,7 +267,7 @@ def test_dry_run_prints_a_valid_rayjob_whose_entrypoint_round_trips(rendered, tm
     # layering: the template's deployment settings, then the file, then flags; the run name is ours
     assert cfg.train.storage_path == "/mnt/tdm/runs"
     assert (cfg.student.num_steps, cfg.train.num_workers, cfg.train.max_steps) == (2, 2, 70)
-    assert cfg.name.startswith("Nightly Run: SD1.5 ")
+    assert cfg.name.startswith("Nightly_Run.SD1.5_")
     assert rayjob["metadata"]["name"].startswith("nightly-run-sd1-5-x") and rayjob["metadata"]["namespace"] == NAMESPACE
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
@@ -285,6 +285,9 @@ def test_dry_run_prints_a_valid_rayjob_whose_entrypoint_round_trips(rendered, tm
     rayjob2 = next(yaml.safe_load_all(again))
     assert rayjob2["metadata"]["name"] != rayjob["metadata"]["name"]
     assert tdm_cli_config(rayjob2["spec"]["entrypoint"]).name == cfg.name
+    # a run name that cannot be a directory or a registry key is one line naming the field, before any submission
+    rc, _, err = run_cli(capsys, *argv[:-1], "Nightly Run: SD1.5")
+    assert rc == 2 and err.strip().count("\n") == 0 and "name:" in err and "use letters, digits" in err
     assert_valid(rayjob)   # last: the KubeRay CRD schemas may be absent (the test then skips, its other checks done)
 
 
