@@ -123,12 +123,12 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> TDMC
 
 def run_cli(prog: str, job) -> int:
     """Run job() for an entry point: a TDMError (bad input: a field, an option, a changed teacher) becomes
-    one line on stderr and exit code 2."""
+    one line on stderr and exit code 2 (3 for an unavailable service, tdm.errors.ServiceUnavailableError)."""
     try:
         job()
     except TDMError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

@@ -254,6 +254,13 @@ class TrainConfig(Section):
     sample_every: int = Field(100, ge=1, description="Steps between fixed-noise sample grids in MLflow.")
     system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between MLflow system-metrics "
                                              "samples (CPU, memory, GPU) of each node.")
+    tracking_buffer_mb: int = Field(256, ge=1, description="Bound of the MLflow writes (metrics, sample grids, "
+                                    "checkpoint records) rank 0 holds while the tracking server is unreachable; "
+                                    "past it the oldest sample grids, then the oldest metrics, are dropped "
+                                    "(counted). docs/architecture.md, 'Tracking outages'.")
+    tracking_grace_s: float = Field(300.0, ge=0, description="At the end of training, seconds to wait for an "
+                                    "unreachable tracking server before the unsent writes are saved next to the "
+                                    "checkpoints (the same command run again sends them, then registers).")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; none = $RAY_ADDRESS or a new local "
                                        "Ray instance.")
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 
 class TDMError(Exception):
-    """A user-facing error whose message names the input at fault."""
+    """A user-facing error whose message names the input at fault. Entry points exit with `exit_code`."""
+
+    exit_code = 2
 
 
 class InputError(TDMError, ValueError):
@@ -70,3 +72,11 @@ def redact(uri: str) -> str:
 
 class NonFiniteTrainingError(TDMError):
     """Training diverged: too many iterations in a row with a non-finite loss or gradient."""
+
+
+class ServiceUnavailableError(TDMError):
+    """A service the job needs (the MLflow tracking server) did not answer, and the job stopped where running the
+    same command again resumes it. The message names the service's setting (MLFLOW_TRACKING_URI) and says what
+    was kept. Exit code 3: the input was fine, the operator's service was not."""
+
+    exit_code = 3

@@ -80,18 +80,79 @@ def distill(cfg: TDMConfig) -> dict:
 
     # 3. the MLflow run this job owns; a second invocation with the same name appends to it
     run_id = _own_run(cfg, teacher, storage)
-    try:
+    with _fail_run_on_error(run_id, tracking_uri):
         ws = WorkerSpec(config=cfg, teacher=teacher, prompts=prompts, tracking_uri=tracking_uri, run_id=run_id,
                         storage=storage)
+        deliver_backlog(ws.run_dir, run_id, tracking_uri, "before training")
         checkpoint = _train(ws, cpus)
+        # the workers' tracking writes the server did not take (an outage past train.tracking_grace_s) are
+        # sent now, or the job stops here, before registering, with the checkpoints kept
+        deliver_backlog(ws.run_dir, run_id, tracking_uri, "after training")
         # 4. evaluate + export on a worker-sized task, then register and gate in the driver
         return evaluate_and_register(cfg, checkpoint, teacher, tracking_uri, run_id,
                                      num_cpus=cpus * cfg.train.num_workers)
-    except BaseException:
-        import mlflow
 
-        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
-        raise
+
+class _fail_run_on_error:
+    """Every failure after the run exists marks it FAILED, with the reason in tag tdm.failure; an error
+    that is the tracking server's (it stopped answering) becomes ServiceUnavailableError, one line."""
+
+    def __init__(self, run_id: str, tracking_uri: str):
+        self.run_id, self.tracking_uri = run_id, tracking_uri
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None:
+            return False
+        from .errors import ServiceUnavailableError, TDMError, first_line, redact
+        from .preflight import tracking_problem
+
+        reason = redact(first_line(exc)) if not isinstance(exc, KeyboardInterrupt) else "interrupted (SIGINT)"
+        if isinstance(exc, ServiceUnavailableError):
+            problem: str | None = str(exc)
+        elif isinstance(exc, TDMError) or not isinstance(exc, Exception):
+            problem = None
+        else:   # was it the tracking server? (/health answers within seconds)
+            problem = tracking_problem(self.tracking_uri)
+        if problem is None:
+            try:
+                import mlflow
+
+                client = mlflow.MlflowClient(self.tracking_uri)
+                client.set_tag(self.run_id, "tdm.failure", reason[:5000])
+                client.set_terminated(self.run_id, status="FAILED")
+            except Exception as e:  # noqa: BLE001 - it stopped answering just now
+                problem = redact(first_line(e))
+        if problem is not None:   # the next invocation of the command sets the run's status again
+            log(f"could not mark MLflow run {self.run_id} FAILED ({problem})")
+        if problem is not None and not isinstance(exc, TDMError) and isinstance(exc, Exception):
+            raise ServiceUnavailableError(f"MLFLOW_TRACKING_URI: {problem}, after the training started; the "
+                                          f"checkpoints are kept: run the same command again when it answers, to "
+                                          f"resume and register") from None
+        return False
+
+
+def deliver_backlog(run_dir: str, run_id: str, tracking_uri: str, when: str) -> None:
+    """Send the tracking writes a training worker saved next to the checkpoints (tdm.outbox) into the run;
+    ServiceUnavailableError (the checkpoints and the backlog kept) when the server does not answer."""
+    from mlflow import MlflowClient
+
+    from .errors import ServiceUnavailableError
+    from .outbox import backlog_files, replay
+    from .preflight import tracking_problem
+
+    files = backlog_files(run_dir)
+    if not files:
+        return
+    problem = tracking_problem(tracking_uri)
+    if problem is not None:
+        raise ServiceUnavailableError(f"MLFLOW_TRACKING_URI: {problem}; training finished, its checkpoints and "
+                                      f"{len(files)} file(s) of unsent tracking writes are kept in {run_dir}: run "
+                                      f"the same command again when it answers, to send them and register")
+    n = replay(MlflowClient(tracking_uri), run_id, run_dir)
+    log(f"sent {n} tracking writes saved while MLflow was unreachable ({when})")
 
 
 def _own_run(cfg: TDMConfig, teacher: TeacherRef, storage: str) -> str:
@@ -114,9 +175,28 @@ def _own_run(cfg: TDMConfig, teacher: TeacherRef, storage: str) -> str:
         "tdm.run_name": cfg.name, "tdm.version": __version__, "tdm.code_version": code_version(),
         TEACHER_TAG: teacher.location, TEACHER_IDENTITY_TAG: teacher.model_dump_json(),
         "tdm.storage": f"{storage}/{cfg.name}"})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.to_flat_dict().items()])
-    client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
+    with _fail_run_on_error(run.info.run_id, mlflow.get_tracking_uri()):
+        # config.json is the record (check_resume reads it); params are for the UI's search and columns
+        client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
+        params = [Param(k, param_value(v)) for k, v in cfg.to_flat_dict().items()]
+        for i in range(0, len(params), 100):   # MLflow takes at most 100 params per call
+            client.log_batch(run.info.run_id, params=params[i:i + 100])
     return run.info.run_id
+
+
+#: MLflow's limit on a param's value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
+MAX_PARAM_CHARS = 6000
+
+
+def param_value(value) -> str:
+    """A config value as an MLflow param: its text, cut to MLflow's limit with a marker saying how much is
+    left out (a long prompt list; the whole config is the run's config.json)."""
+    text = str(value)
+    if len(text) <= MAX_PARAM_CHARS:
+        return text
+    marker = "... [{} more characters: see config.json]"
+    keep = MAX_PARAM_CHARS - len(marker.format(len(text)))
+    return text[:keep] + marker.format(len(text) - keep)
 
 
 def check_resume(run, cfg: TDMConfig, teacher: TeacherRef) -> None:

@@ -51,7 +51,8 @@ def teacher_scheduler_config(teacher: TeacherRef | None, tracking_uri: str | Non
 
 
 def teacher_pipeline_class(teacher: TeacherRef | None, tracking_uri: str | None = None) -> str | None:
-    """The `_class_name` of the teacher's model_index.json (None: the embedded toy), read like its scheduler."""
+    """The `_class_name` of the teacher's model_index.json (None: the embedded toy), read like its scheduler;
+    InputError naming teacher.uri when no adapter (tdm.backbones.ADAPTERS) supports it."""
     if teacher is None:
         return None
     from diffusers import DiffusionPipeline
@@ -70,6 +71,9 @@ def teacher_pipeline_class(teacher: TeacherRef | None, tracking_uri: str | None 
     except (OSError, ValueError) as e:
         raise ConfigError(f"teacher.uri: {teacher.location} has no readable model_index.json "
                           f"({first_line(e)})") from None
+    from .backbones import adapter_for
+
+    adapter_for(index)   # a pipeline class without an adapter: refused here, not inside every worker
     return index.get("_class_name")
 
 
@@ -184,18 +188,36 @@ def check_run_checkpoints(storage: str, name: str) -> None:
             check_checkpoint_dir(fs, info.path, "train.storage_path")
 
 
-def check_tracking_server(tracking_uri: str) -> None:
-    """An MLflow server in MLFLOW_TRACKING_URI answers, within seconds: an unreachable one must not read as
-    "no toy teacher yet" (and train one) or fail after the training."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return  # a local store (sqlite, file): opened by the first call
-    import requests
+def tracking_problem(tracking_uri: str, local_store: bool = True) -> str | None:
+    """Why the MLflow store at `tracking_uri` cannot be used now (a server that does not answer /health
+    within seconds, or refuses this process's credentials), or None when it can. local_store=False: a local
+    store (sqlite, file) is not opened (opening creates it)."""
+    from mlflow import MlflowClient
 
-    try:
-        # /health is served without authentication by `mlflow server`, basic-auth included
-        r = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=10)
-    except requests.RequestException as e:
-        raise ConfigError(f"MLFLOW_TRACKING_URI: cannot reach the MLflow server at {redact(tracking_uri)} "
-                          f"({redact(first_line(e))})") from None
-    if r.status_code != 200:
-        raise ConfigError(f"MLFLOW_TRACKING_URI: {redact(tracking_uri)}/health answered {r.status_code}, not 200")
+    remote = tracking_uri.startswith(("http://", "https://"))
+    if not remote and not local_store:
+        return None
+    if remote:
+        import requests
+
+        try:
+            # /health is served without authentication by `mlflow server`, basic-auth included; it answers at
+            # once, where an API call retries an unreachable server for minutes
+            r = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=10)
+        except requests.RequestException as e:
+            return f"cannot reach the MLflow server at {redact(tracking_uri)} ({redact(first_line(e))})"
+        if r.status_code != 200:
+            return f"{redact(tracking_uri)}/health answered {r.status_code}, not 200"
+    try:  # the store itself, with this process's credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN)
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - MlflowException, RestException, requests errors, a bad sqlite path
+        return f"MLflow at {redact(tracking_uri)} does not answer: {redact(first_line(e))}"
+    return None
+
+
+def check_tracking_server(tracking_uri: str) -> None:
+    """The MLflow store answers before any work: an unreachable one must not read as "no toy teacher yet"
+    (and train one), or fail after the training."""
+    problem = tracking_problem(tracking_uri, local_store=False)   # a local store is created by its first use
+    if problem is not None:
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {problem}")

@@ -365,8 +365,13 @@ class WorkerSpec(_Frozen):
     storage: str = Field(description="Checkpoint storage root: a directory or s3://bucket/prefix; the run's "
                          "checkpoints are under <storage>/<config.name>/.")
 
+    @property
+    def run_dir(self) -> str:
+        """The run's storage directory: its checkpoints and any unsent tracking writes (tdm.outbox)."""
+        return f"{self.storage}/{self.config.name}"
+
     def checkpoint_uri(self, step: int) -> str:
-        return f"{self.storage}/{self.config.name}/{checkpoint_dir_name(step)}"
+        return f"{self.run_dir}/{checkpoint_dir_name(step)}"
 
 
 def checkpoint_dir_name(step: int) -> str:

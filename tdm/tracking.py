@@ -7,6 +7,7 @@ overrides it (e.g. an `mlflow server`).
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
@@ -15,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import __version__, paths
-from .config import TDMConfig
-from .spec import ModelSpec
+from .errors import redact
+from .spec import ModelSpec, WorkerSpec
 
 RUN_NAME_TAG = "tdm.run_name"
 PIPELINE_ARTIFACT = "pipeline"
@@ -171,44 +172,81 @@ def resolve_model_version(uri: str):
 # ---------------------------------------------------------------- rank-0 logging
 
 class RankZeroLogger:
-    """Buffered per-step metrics and fixed-noise sample grids into the driver's run."""
+    """Per-step metrics, fixed-noise sample grids and checkpoint records of rank 0 into the driver's run,
+    through an Outbox (tdm.outbox): the training loop hands them over and goes on, whether or not the
+    tracking server answers."""
 
-    def __init__(self, tracking_uri: str, run_id: str, cfg: TDMConfig, backbone, student, spec: ModelSpec,
-                 prompts: list[str]):
+    def __init__(self, ws: WorkerSpec, backbone, student, spec: ModelSpec):
         from mlflow import MlflowClient
 
-        self.client, self.run_id, self.cfg = MlflowClient(tracking_uri), run_id, cfg
-        self.buffer = []
+        from .outbox import Outbox
+
+        self.ws, self.cfg, self.run_id = ws, ws.config, ws.run_id
+        self.outbox = Outbox(MlflowClient(ws.tracking_uri), ws.run_id, ws.config.train.tracking_buffer_mb << 20,
+                             what=f"MLflow at {redact(ws.tracking_uri)}")
+        self.pending: list[list] = []   # metric rows of the steps since the last hand-over
         self.backbone, self.student, self.spec = backbone, student, spec
-        self.sample_prompts = prompts[:10]
+        self.sample_prompts = ws.prompts[:10]
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        from .outbox import Record
+
+        self.outbox.put(Record("metrics", rows=[[key, float(value), int(time.time() * 1000), step]]))
 
     def log_checkpoint(self, step: int, uri: str, metrics: dict) -> None:
         """Make a checkpoint browsable in its run: checkpoints/step_<n>.json (step, storage URI, metrics)
         and the tag tdm.last_checkpoint. `pipelines/register.py --checkpoint URI` evaluates and registers it."""
+        from .outbox import Record
+
         record = {"step": step, "uri": uri, "metrics": {k: float(v) for k, v in metrics.items()},
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self.client.log_dict(self.run_id, record, f"checkpoints/step_{step:07d}.json")
-        self.client.set_tag(self.run_id, "tdm.last_checkpoint", uri)
-        self.client.log_metric(self.run_id, "checkpoint/step", step, step=step)
+        self.flush()
+        self.outbox.put(Record("dict", name=f"checkpoints/step_{step:07d}.json", data=record))
+        self.outbox.put(Record("tag", name="tdm.last_checkpoint", value=uri))
+        self.log_metric("checkpoint/step", step, step)
 
     def log_step(self, step: int, metrics: dict) -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        self.buffer += [Metric(f"train/{k}", float(v), ts, step) for k, v in metrics.items()]
+        self.pending += [[f"train/{k}", float(v), ts, step] for k, v in metrics.items()]
         if step % self.cfg.train.log_every == 0:
             self.flush()
 
     def flush(self) -> None:
-        for i in range(0, len(self.buffer), 1000):
-            self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
-        self.buffer = []
+        """Hand the buffered step metrics to the outbox (sent in the background)."""
+        from .outbox import Record
+
+        if self.pending:
+            self.outbox.put(Record("metrics", rows=self.pending))
+            self.pending = []
+
+    def close(self) -> str | None:
+        """At the end of training: wait up to train.tracking_grace_s for the server to take every write. What
+        it has not taken is saved next to the checkpoints (tdm.outbox.spill) for the next invocation of the
+        command to send; returns that file's URI, or None when everything was sent."""
+        from .outbox import Record, spill
+
+        if self.outbox.dropped:
+            self.log_metric("tracking/dropped_writes", self.outbox.dropped, 0)
+        self.flush()
+        left = self.outbox.close(self.cfg.train.tracking_grace_s)
+        if not left:
+            return None
+        if self.outbox.dropped:  # the count itself may be among the unsent records
+            left.append(Record("metrics", rows=[["tracking/dropped_writes", float(self.outbox.dropped),
+                                                 int(time.time() * 1000), 0]]))
+        where = spill(left, self.ws.run_dir, time.strftime("rank0-%Y%m%dT%H%M%S"))
+        from .console import log
+
+        log(f"MLflow at {redact(self.ws.tracking_uri)} did not come back within train.tracking_grace_s="
+            f"{self.cfg.train.tracking_grace_s:g}s: {len(left)} tracking writes saved to {where}")
+        return where
 
     @torch.no_grad()
     def log_samples(self, step: int) -> None:
         """One grid per trained step count: rows are fixed seeds, columns the sample prompts."""
         from .generation import TDMPipeline
         from .images import image_grid
+        from .outbox import Record
 
         pipe = TDMPipeline(self.backbone, self.spec, denoiser=self.student)
         n = len(self.sample_prompts)
@@ -217,27 +255,30 @@ class RankZeroLogger:
             images = pipe(prompts, num_inference_steps=k, seeds=[i // n for i in range(len(prompts))])
             scale = max(1, 64 // images.shape[-1])
             if images.ndim == 5:  # videos: an animated grid per step, as GIF and MP4
-                log_video_grid(self.client, self.run_id, images, n, scale, self.spec.fps or 8.0,
-                               f"samples/K{k}", f"step_{step:07d}")
+                for name, data in video_grid_files(images, n, scale, self.spec.fps or 8.0, f"step_{step:07d}"):
+                    self.outbox.put(Record("file", name=name, path=f"samples/K{k}", data=data))
             else:
-                self.client.log_image(self.run_id, image_grid(images, nrow=n, scale=scale), key=f"samples_K{k}",
-                                      step=step)
+                png = io.BytesIO()
+                image_grid(images, nrow=n, scale=scale).save(png, format="PNG")
+                self.outbox.put(Record("image", name=f"samples_K{k}", step=step, data=png.getvalue()))
+
+
+def video_grid_files(videos: torch.Tensor, nrow: int, scale: int, fps: float, name: str) -> list[tuple[str, bytes]]:
+    """Videos (N, F, C, H, W) tiled into one animated grid: [(<name>.gif, bytes), (<name>.mp4, bytes)]."""
+    from .video import grid_video, to_gif_bytes, to_mp4_bytes
+
+    grid = grid_video(videos, nrow=nrow, scale=scale)
+    return [(f"{name}.gif", to_gif_bytes(grid, fps)), (f"{name}.mp4", to_mp4_bytes(grid, fps))]
 
 
 def log_video_grid(client, run_id: str, videos: torch.Tensor, nrow: int, scale: int, fps: float,
                    artifact_dir: str, name: str) -> None:
     """Videos (N, F, C, H, W) tiled into one animated grid, logged as <artifact_dir>/<name>.gif and .mp4
     (the MLflow UI plays the GIF in its artifact viewer)."""
-    import tempfile
+    from .outbox import Record, send
 
-    from .video import grid_video, to_gif_bytes, to_mp4_bytes
-
-    grid = grid_video(videos, nrow=nrow, scale=scale)
-    with tempfile.TemporaryDirectory() as tmp:
-        for ext, data in (("gif", to_gif_bytes(grid, fps)), ("mp4", to_mp4_bytes(grid, fps))):
-            f = Path(tmp) / f"{name}.{ext}"
-            f.write_bytes(data)
-            client.log_artifact(run_id, str(f), artifact_path=artifact_dir)
+    send(client, run_id, [Record("file", name=f, path=artifact_dir, data=data)
+                          for f, data in video_grid_files(videos, nrow, scale, fps, name)])
 
 
 # ---------------------------------------------------------------- the model contract
@@ -305,8 +346,10 @@ def registered_from(name: str, run_id: str, checkpoint: str):
 
     try:  # name: a safe name (tdm.config.SafeName); run_id: hex
         versions = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":   # no model of that name yet
+            return None
+        raise   # an unreachable server is not "not registered yet": that would register it twice
     found = [mv for mv in versions if mv.tags.get("checkpoint") == str(checkpoint)]
     return max(found, key=lambda mv: int(mv.version)) if found else None
 

@@ -264,10 +264,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              grid_rule=backbone.grid_rule)
     distiller.load_scaler_state(saved.get("scalers") if saved else None)
     spec = student_spec(cfg, distiller.grids, backbone, ws.teacher)
-    logger = RankZeroLogger(ws.tracking_uri, ws.run_id, cfg, backbone, state.student, spec,
-                            prompts) if rank == 0 else None
+    logger = RankZeroLogger(ws, backbone, state.student, spec) if rank == 0 else None
     if logger is not None and start > 0:
-        logger.client.log_metric(ws.run_id, "train/resumed_from", start, step=start)
+        logger.log_metric("train/resumed_from", start, step=start)
     monitor = None
     if ctx.get_local_rank() == 0:  # one system-metrics sampler per node
         import socket
@@ -315,12 +314,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "metrics": report}, indent=2))
                     ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
                                      checkpoint_dir_name=checkpoint_dir_name(done))
-                logger.flush()
                 logger.log_checkpoint(done, ws.checkpoint_uri(done), metrics)
             else:
                 ray.train.report(report, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(done))
-    if logger is not None:
-        logger.flush()
+    if bar is not None:
         bar.close()
+    if logger is not None:
+        # never raises for the server's sake: a worker that fails here would be restarted by Ray Train
+        logger.close()
     if monitor is not None:
-        monitor.finish()
+        finish_within(monitor, cfg.train.tracking_grace_s)
+
+
+def finish_within(monitor, timeout_s: float) -> None:
+    """Stop an MLflow system-metrics monitor, waiting at most `timeout_s` for its last upload (its HTTP
+    retries against an unreachable server would hold the worker for minutes)."""
+    import threading
+
+    t = threading.Thread(target=monitor.finish, name="tdm-system-metrics-finish", daemon=True)
+    t.start()
+    t.join(timeout_s)

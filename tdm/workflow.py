@@ -33,7 +33,7 @@ import yaml
 from .cli import build_arg_parser, config_from_args
 from .config import TDMConfig
 from .console import log
-from .errors import ConfigError, first_line, redact
+from .errors import ConfigError, redact
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 RAY_NAME_MAX = 47                       # KubeRay validation.go: RayJob / RayService names
@@ -322,15 +322,12 @@ def serve_config_patch(rayservice: dict, model_uri: str) -> dict:
 
 def check_tracking(tracking_uri: str) -> None:
     """Prove the MLflow store answers before the job runs (the driver needs it only at the end)."""
-    from mlflow import MlflowClient
-
+    from .preflight import tracking_problem
     from .tracking import use_tracking_uri
 
-    try:
-        MlflowClient(use_tracking_uri(tracking_uri)).search_experiments(max_results=1)
-    except Exception as e:  # mlflow raises MlflowException / RestException / requests errors
-        raise WorkflowError(f"--tracking-uri: MLflow at {redact(tracking_uri)} does not answer: "
-                            f"{first_line(e)}") from None
+    problem = tracking_problem(use_tracking_uri(tracking_uri))
+    if problem is not None:
+        raise WorkflowError(f"--tracking-uri: {problem}")
 
 
 def registered_version(cfg: TDMConfig, tracking_uri: str):

@@ -176,3 +176,44 @@ def tiny_config(**sections):
         else:
             data[key] = value
     return load_config(data)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1:<port> (SQLite store, artifacts proxied by the server) that a test
+    can stop and start again on the same port and store: a tracking-server outage."""
+
+    def __init__(self, root, port: int | None = None):
+        from pathlib import Path
+
+        self.root, self.port = Path(root), port or free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = self.root / "mlflow-server.log"
+        self.proc = None
+
+    def start(self, timeout_s: float = 180) -> "MlflowServer":
+        import subprocess
+        import sys
+
+        from k8s_helpers import wait_for_health
+
+        argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination", str(self.root / "artifacts")]
+        with open(self.log, "ab") as out:   # its own process group: its workers stop with it
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, cwd=self.root)
+        wait_for_health(self.uri, self.proc, self.log, timeout_s)
+        return self
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL)   # an outage, not a shutdown: nothing is drained
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass

@@ -66,6 +66,53 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, s3_server, args, field):
             assert db.execute("select count(*) from runs").fetchone()[0] == 0
 
 
+@pytest.fixture(scope="module")
+def broken_teachers(tiny_toy_dir, tmp_path_factory):
+    """Copies of a real (tiny) teacher directory with one part broken."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("broken")
+    no_scheduler, foreign = root / "no-scheduler", root / "foreign-class"
+    shutil.copytree(tiny_toy_dir, no_scheduler)
+    shutil.rmtree(no_scheduler / "scheduler")
+    shutil.copytree(tiny_toy_dir, foreign)
+    index = json.loads((foreign / "model_index.json").read_text())
+    (foreign / "model_index.json").write_text(json.dumps({**index, "_class_name": "FooBarPipeline"}))
+    return {"no-scheduler": no_scheduler, "foreign-class": foreign}
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--teacher.uri", "{no-scheduler}"], {}, "teacher.uri: {no-scheduler} has no readable scheduler/ config"),
+    (["--teacher.uri", "{foreign-class}"], {}, "teacher.uri: pipeline class 'FooBarPipeline' is not supported"),
+    (["--teacher.uri", "no-such-org/no-such-model"], {"HF_HUB_OFFLINE": "1"},
+     "teacher.uri: no-such-org/no-such-model is not in the Hugging Face cache"),
+    (["--teacher.uri", "no-such-org/no-such-model"], {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+     "teacher.uri: cannot resolve hub id no-such-org/no-such-model"),
+    (["--eval.teacher_steps", "5000"], {}, "eval.teacher_steps: at most 999 for this teacher's schedule"),
+    (["--eval.student_steps", "1,2000"], {}, "eval.student_steps: at most 999 for this teacher's schedule"),
+    ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLFLOW_TRACKING_URI: cannot reach the MLflow server"),
+])
+def test_teacher_and_service_errors_come_before_any_work(tmp_path, broken_teachers, args, env, message):
+    """Each found on the driver before Ray starts: one line naming the field, exit 2, no run in MLflow."""
+    args = [a.format(**broken_teachers) for a in args]
+    if args[:1] == ["--teacher.uri"]:
+        args += ["--data.prompts", "a cat", "--eval.enabled", "false"]
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "distill.py"), *args], capture_output=True,
+                          text=True, timeout=120, env={**base, "TDM_HOME": str(tmp_path / "home"),
+                                                       "RAY_AUTH_MODE": "disabled", **env})
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message.format(**broken_teachers) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "ray" not in proc.stdout.lower()
+    db = tmp_path / "home" / "mlflow.db"
+    if db.exists():
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("select count(*) from runs").fetchone()[0] == 0
+
+
 def test_empty_prompt_file(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("\n  \n")

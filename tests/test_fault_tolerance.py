@@ -132,6 +132,71 @@ def test_driver_stopped_and_rerun_continues(ray_cluster, reference, tmp_path):
     assert max(abs(curve[s] - ref[s]) for s in ref) == 0.0
 
 
+#: long enough that training goes on after a one-minute outage that starts at step 10 (2 CPU workers)
+OUTAGE_STEPS = 200
+OUTAGE_S = 60
+
+
+def test_an_mlflow_outage_mid_run_loses_no_metric_and_restarts_no_worker(ray_cluster, tiny_toy_dir, tmp_path):
+    """The tracking server is killed for a minute in the middle of a real Ray Train run, then started again on
+    the same store: training goes on meanwhile, every write arrives, and no worker is restarted."""
+    import mlflow
+    from conftest import MlflowServer
+
+    from tdm.job import distill
+    from tdm.tracking import find_run
+
+    server = MlflowServer(tmp_path / "mlflow").start()
+    os.environ["MLFLOW_TRACKING_URI"] = server.uri      # restored after the test (conftest)
+    mlflow.set_tracking_uri(server.uri)
+    cfg = tiny_config(name="ft-outage", teacher={"uri": str(tiny_toy_dir)}, eval=NO_EVAL,
+                      train=FT_TRAIN | {"max_steps": OUTAGE_STEPS, "checkpoint_every": 10, "sample_every": 20})
+    outage: dict = {}
+
+    def stop_for_a_minute():
+        client = MlflowClient(server.uri)
+
+        def at_step_10():
+            exp = client.get_experiment_by_name("tdm")
+            run = find_run(exp.experiment_id, "ft-outage") if exp else None
+            return run is not None and run.data.metrics.get("checkpoint/step", 0) >= 10
+        if wait_for(at_step_10, 300):
+            server.stop()
+            outage["down"] = time.time()
+            time.sleep(OUTAGE_S)
+            outage["up"] = time.time()
+            server.start()
+
+    thread = threading.Thread(target=stop_for_a_minute, daemon=True)
+    thread.start()
+    try:
+        out = distill(cfg)
+        thread.join(timeout=300)
+        assert "up" in outage, "the server was never stopped"
+        client = MlflowClient(server.uri)
+        run = client.get_run(out["run_id"])
+        assert run.info.status == "FINISHED" and "tdm.failure" not in run.data.tags
+        # every metric of every step, once: a restarted worker group would log steps again (and resumed_from)
+        keys = [k for k in run.data.metrics if k.startswith("train/")]
+        assert "train/loss_student" in keys and "train/resumed_from" not in keys
+        for key in keys:
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == \
+                list(range(1, OUTAGE_STEPS + 1)), key
+        stamps = [m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "train/loss_student")]
+        assert any(outage["down"] < t < outage["up"] for t in stamps)   # trained while the server was down
+        assert any(t > outage["up"] for t in stamps)                     # and after it came back
+        # the checkpoint records and sample grids of the outage arrived too
+        records = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+        assert records == [f"checkpoints/step_{s:07d}.json" for s in range(10, OUTAGE_STEPS + 1, 10)]
+        assert run.data.tags["tdm.last_checkpoint"].endswith(f"checkpoint_{OUTAGE_STEPS:07d}")
+        grids = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+        assert len(grids) == len(range(20, OUTAGE_STEPS + 1, 20)) * len(cfg.student.steps)
+        assert client.get_model_version(cfg.registry.model_name, out["model_version"]).run_id == run.info.run_id
+        assert not (Path(os.environ["TDM_HOME"]) / "runs" / "ft-outage" / "tracking-backlog").exists()
+    finally:
+        server.stop()
+
+
 def test_s3_checkpoints_on_a_real_s3_server(ray_cluster, s3_server):
     import boto3
 

@@ -42,14 +42,17 @@ def test_legacy_student_generates_what_0_1_0_generated(expected):
     pipe = TDMPipeline.from_pretrained(FIXTURES / "student_unify_v0")
     assert pipe.spec.image_size == (8, 8)                  # filled in from the weights
     for k in (1, 2, 4):
-        assert torch.equal(pipe(PROMPTS, num_inference_steps=k, seed=5), expected[f"student_k{k}"]), k
+        # the fixture was made on another CPU: float32 kernels (AVX2, AVX-512) round differently, 1e-5 apart
+        torch.testing.assert_close(pipe(PROMPTS, num_inference_steps=k, seed=5), expected[f"student_k{k}"],
+                                   atol=1e-4, rtol=0, msg=f"num_inference_steps={k}")
     with pytest.raises(ParamError, match="num_inference_steps"):
         pipe(PROMPTS, num_inference_steps=3)
 
 
 def test_legacy_teacher_generates_what_0_1_0_generated(expected):
     pipe = TDMPipeline.from_pretrained(FIXTURES / "teacher_v0")
-    assert torch.equal(pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=5), expected["teacher_k4_g3"])
+    torch.testing.assert_close(pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=5),
+                               expected["teacher_k4_g3"], atol=1e-4, rtol=0)
 
 
 def test_legacy_directory_through_pyfunc_and_serving(expected):
@@ -71,8 +74,9 @@ def test_resaving_a_legacy_directory_writes_schema_1(tmp_path, expected):
     pipe = TDMPipeline.from_pretrained(FIXTURES / "student_unify_v0")
     pipe.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / SPEC_FILE).read_text())["schema_version"] == 1
-    assert torch.equal(TDMPipeline.from_pretrained(tmp_path / "again")(PROMPTS, num_inference_steps=4, seed=5),
-                       expected["student_k4"])
+    again = TDMPipeline.from_pretrained(tmp_path / "again")(PROMPTS, num_inference_steps=4, seed=5)
+    assert torch.equal(again, pipe(PROMPTS, num_inference_steps=4, seed=5))   # same machine: the same bits
+    torch.testing.assert_close(again, expected["student_k4"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("change,message", [
