@@ -133,7 +133,7 @@ def test_driver_stopped_and_rerun_continues(ray_cluster, reference, tmp_path):
 
 
 #: long enough that training goes on after a one-minute outage that starts at step 10 (2 CPU workers)
-OUTAGE_STEPS = 200
+OUTAGE_STEPS = 300
 OUTAGE_S = 60
 
 
@@ -150,6 +150,7 @@ def test_an_mlflow_outage_mid_run_loses_no_metric_and_restarts_no_worker(ray_clu
     os.environ["MLFLOW_TRACKING_URI"] = server.uri      # restored after the test (conftest)
     mlflow.set_tracking_uri(server.uri)
     cfg = tiny_config(name="ft-outage", teacher={"uri": str(tiny_toy_dir)}, eval=NO_EVAL,
+                      data={"prompts": [f"a handwritten digit {d}" for d in range(10)]},
                       train=FT_TRAIN | {"max_steps": OUTAGE_STEPS, "checkpoint_every": 10, "sample_every": 20})
     outage: dict = {}
 

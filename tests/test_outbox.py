@@ -147,7 +147,7 @@ def test_delivering_a_backlog_to_an_unreachable_server_stops_before_registering(
 
 
 def test_a_failure_after_the_run_exists_marks_it_failed_with_the_reason(local_run, tmp_path):
-    from tdm.errors import ConfigError, ServiceUnavailableError
+    from tdm.errors import ConfigError
     from tdm.job import _fail_run_on_error
 
     client, run_id = local_run
