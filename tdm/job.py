@@ -221,10 +221,32 @@ def check_resume(run, cfg: TDMConfig, teacher: TeacherRef) -> None:
         raise ConfigError(f"name: run '{cfg.name}' was started with a config this tdm cannot read ({e}); use a new "
                           f"--name") from None
     before, now = flatten(logged.model_dump(mode="json")), cfg.to_flat_dict()
+    old_steps = int(before.get("train.max_steps", cfg.train.max_steps))
+    if cfg.train.max_steps < old_steps:
+        raise ConfigError(f"train.max_steps: run '{cfg.name}' was started with {old_steps}; a resume may raise it, "
+                          f"not lower it (got {cfg.train.max_steps}); register an earlier checkpoint with "
+                          f"pipelines/register.py --checkpoint instead")
+    if cfg.train.max_steps > old_steps:
+        log(max_steps_change(old_steps, cfg.train.max_steps, cfg.optim.lr_schedule, cfg.optim.warmup_steps))
     for key, value in now.items():
         if key not in ("train.max_steps", "name") and before.get(key) != value:
             raise ConfigError(f"{key}: run '{cfg.name}' was started with {before.get(key)}, got {value}; "
                               f"use a new --name to change the config")
+
+
+def max_steps_change(old: int, new: int, schedule: str, warmup_steps: int) -> str:
+    """What raising train.max_steps from `old` to `new` on resume does to the learning rate. The rule (README,
+    "Resuming"): the LR is a function of the step and the *current* max_steps (tdm.train.lr_factor), so the
+    steps already trained keep the LR they had, and the rest follow the curve over `new` steps; a cosine
+    schedule therefore jumps up at the resume step, from its value on the old curve to its value on the new."""
+    from .train import lr_factor
+
+    if schedule != "cosine":
+        return f"train.max_steps {old} -> {new}: the {schedule} LR schedule is unchanged; training continues to {new}"
+    at = old - 1   # the last step the old curve scheduled
+    return (f"train.max_steps {old} -> {new}: the cosine LR schedule now decays to 0 at step {new}; at step {old} "
+            f"the LR factor is {lr_factor(at, warmup_steps, new, schedule):.4f} on the new curve (it was "
+            f"{lr_factor(at, warmup_steps, old, schedule):.4f} on the old one)")
 
 
 def _worker_input_error(e: BaseException):

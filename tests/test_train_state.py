@@ -150,3 +150,15 @@ def test_fp16_loss_scaler_state_round_trips_through_a_checkpoint(tmp_path, tiny_
     fp32 = TDMDistiller(cfg.student, cfg.loss, cfg.optim, b.schedule, b.latent_shape, None, bf.student, bf.fake,
                         bf.opt_student, bf.opt_fake, bf.sched_student, bf.sched_fake, bf.ema)
     assert fp32.scaler_state() is None       # nothing to keep without fp16
+
+
+def test_raising_max_steps_on_resume_says_what_it_does_to_the_lr():
+    from tdm.job import max_steps_change
+
+    # cosine, no warm-up: step 599 of 600 -> 0.5 (1 + cos(pi 599/600)) = 6.85e-6; of 900 -> 0.5 (1 + cos(pi 599/900))
+    # = 0.5 (1 - 0.49697) = 0.25151
+    msg = max_steps_change(600, 900, "cosine", 0)
+    assert msg == ("train.max_steps 600 -> 900: the cosine LR schedule now decays to 0 at step 900; at step 600 the "
+                   "LR factor is 0.2515 on the new curve (it was 0.0000 on the old one)")
+    assert max_steps_change(8, 12, "constant", 0) == ("train.max_steps 8 -> 12: the constant LR schedule is "
+                                                       "unchanged; training continues to 12")
