@@ -145,3 +145,5 @@ def print_summary(summary: dict) -> None:
     what = "already registered as version" if summary.get("already_registered") else "registered version"
     print(f"\nrun {summary['run_name']} (MLflow run {summary['run_id']}): {what} "
           f"{summary['model_version']}, gate {'passed' if summary['passed'] else 'not passed'}")
+    if summary.get("run_url"):
+        print(f"MLflow: {summary['run_url']}")

@@ -360,21 +360,22 @@ def evaluate_and_register(cfg: TDMConfig, checkpoint, teacher: TeacherRef, track
     """Export and evaluate a checkpoint (a Ray task sized like the training job), register it as a
     version of cfg.registry.model_name linked to `run_id`, and move the alias only if the gate passes."""
     import ray
+    from mlflow import MlflowClient
 
-    from .tracking import register, registered_from
+    from .tracking import register, registered_from, run_url
 
+    url = run_url(tracking_uri, MlflowClient().get_run(run_id).info.experiment_id, run_id)
     # at most one version per checkpoint: a finished command run again (or a RayJob retry) registers
     # nothing new and leaves the alias where it is
     done = registered_from(cfg.registry.model_name, run_id, checkpoint.path)
     if done is not None:
-        import mlflow
-
-        mlflow.MlflowClient().set_terminated(run_id, status="FINISHED")
+        MlflowClient().set_terminated(run_id, status="FINISHED")
         passed = done.tags.get("gate.passed") == "True"
         log(f"{cfg.registry.model_name} version {done.version} was already registered from this checkpoint "
             f"(step {done.tags.get('step')}, gate {'passed' if passed else 'not passed'}); nothing registered, "
             f"alias {cfg.registry.alias} unchanged")
-        return {"run_name": cfg.name, "run_id": run_id, "model_version": done.version, "passed": passed,
+        return {"run_name": cfg.name, "run_id": run_id, "run_url": url, "model_version": done.version,
+                "passed": passed,
                 "rows": {}, "gate": {}, "columns": [], "step": int(done.tags.get("step", 0)),
                 "already_registered": True}
     task = ray.remote(num_cpus=num_cpus, num_gpus=1 if cfg.train.use_gpu else 0)(_export_and_evaluate)
@@ -388,7 +389,7 @@ def evaluate_and_register(cfg: TDMConfig, checkpoint, teacher: TeacherRef, track
     mv = register(out.model_uri, cfg.registry.model_name, tags, alias=cfg.registry.alias if passed else None)
     log(f"registered {cfg.registry.model_name} version {mv.version} (step {out.step}); gate "
         f"{'PASSED -> alias ' + cfg.registry.alias if passed else 'not passed (no alias)'}")
-    return {"run_name": cfg.name, "run_id": run_id, "model_version": mv.version, "passed": passed,
+    return {"run_name": cfg.name, "run_id": run_id, "run_url": url, "model_version": mv.version, "passed": passed,
             "rows": ev.get("rows", {}), "gate": ev.get("gate", {}), "columns": ev.get("columns", []),
             "step": out.step}
 

@@ -156,6 +156,15 @@ def pipeline_dir(model_dir: str | Path) -> Path:
     return Path(model_dir) / rel
 
 
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to see a run: its page on an MLflow server, or for a local store the `mlflow ui` command and the
+    page it then serves."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{redact(tracking_uri).rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+
+
 def resolve_model_version(uri: str):
     """ModelVersion for models:/name@alias or models:/name/version."""
     from mlflow import MlflowClient
