@@ -84,24 +84,32 @@ def shed(queue: deque[Record], total: int, max_bytes: int, start: int = 0) -> tu
     return dropped, total
 
 
-def send(client, run_id: str, records: list[Record]) -> None:
-    """Write `records` into run `run_id` with an MlflowClient, in order; consecutive metrics go in batches."""
+def send(client, run_id: str, records: list[Record], confirm=None) -> None:
+    """Write `records` into run `run_id` with an MlflowClient, in order; consecutive metrics go in batches.
+    `confirm(n)` is called as each group of n records is written, so a failure part-way leaves only the
+    unwritten ones to retry (a sample grid is not logged twice)."""
     import tempfile
     from pathlib import Path
 
     from mlflow.entities import Metric
 
     rows: list[list] = []
+    grouped = 0   # metrics records whose rows are in `rows`
 
     def flush_rows():
+        nonlocal grouped
         for i in range(0, len(rows), BATCH):
             part = rows[i:i + BATCH]
             client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in part])
         rows.clear()
+        if grouped and confirm is not None:
+            confirm(grouped)
+        grouped = 0
 
     for r in records:
         if r.kind == "metrics":
             rows.extend(r.rows)
+            grouped += 1
             continue
         flush_rows()
         if r.kind == "tag":
@@ -117,6 +125,8 @@ def send(client, run_id: str, records: list[Record]) -> None:
                 f = Path(tmp) / r.name
                 f.write_bytes(r.data)
                 client.log_artifact(run_id, str(f), artifact_path=r.path)
+        if confirm is not None:
+            confirm(1)
     flush_rows()
 
 
@@ -163,7 +173,7 @@ class Outbox:
                 batch = [self.queue[i] for i in range(min(64, len(self.queue)))]
                 self._inflight = len(batch)
             try:
-                send(self.client, self.run_id, batch)
+                send(self.client, self.run_id, batch, confirm=self._confirm)
             except Exception as e:  # noqa: BLE001 - any failure of the server or the network: keep and retry
                 with self._cond:
                     self._inflight = 0
@@ -176,20 +186,23 @@ class Outbox:
                     self._cond.wait(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
                 continue
-            with self._cond:
-                # only the thread removes the head, shedding never touches records in flight, and a close that
-                # gave up on them set _inflight to 0
-                for _ in range(min(self._inflight, len(self.queue))):
-                    r = self.queue.popleft()
-                    self.bytes -= r.size
-                self.sent += len(batch)
-                self._inflight = 0
-                if self._down_since is not None:
-                    log(f"{self.what} is back after {time.monotonic() - self._down_since:.0f}s; sending the "
-                        f"{len(self.queue) + len(batch)} writes kept meanwhile")
-                    self._down_since = None
-                self._cond.notify_all()
             backoff = 1.0
+
+    def _confirm(self, n: int) -> None:
+        """The first n records in flight are written: remove them from the head."""
+        with self._cond:
+            # only the thread removes the head, shedding never touches records in flight, and a close that
+            # gave up on them set _inflight to 0
+            n = min(n, self._inflight, len(self.queue))
+            for _ in range(n):
+                self.bytes -= self.queue.popleft().size
+            self._inflight -= n
+            self.sent += n
+            if self._down_since is not None:
+                log(f"{self.what} is back after {time.monotonic() - self._down_since:.0f}s; sending the "
+                    f"{len(self.queue)} writes kept meanwhile")
+                self._down_since = None
+            self._cond.notify_all()
 
     # ------------------------------------------------------------- the end
     def close(self, timeout_s: float) -> list[Record]:
