@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,45 +94,40 @@ def distill(cfg: TDMConfig) -> dict:
                                      num_cpus=cpus * cfg.train.num_workers)
 
 
-class _fail_run_on_error:
+@contextmanager
+def _fail_run_on_error(run_id: str, tracking_uri: str):
     """Every failure after the run exists marks it FAILED, with the reason in tag tdm.failure; an error
     that is the tracking server's (it stopped answering) becomes ServiceUnavailableError, one line."""
+    from .errors import ServiceUnavailableError, TDMError, first_line, redact
+    from .preflight import tracking_problem
 
-    def __init__(self, run_id: str, tracking_uri: str):
-        self.run_id, self.tracking_uri = run_id, tracking_uri
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is None:
-            return False
-        from .errors import ServiceUnavailableError, TDMError, first_line, redact
-        from .preflight import tracking_problem
-
-        reason = redact(first_line(exc)) if not isinstance(exc, KeyboardInterrupt) else "interrupted (SIGINT)"
-        if isinstance(exc, ServiceUnavailableError):
-            problem: str | None = str(exc)
-        elif isinstance(exc, TDMError) or not isinstance(exc, Exception):
-            problem = None
-        else:   # was it the tracking server? (/health answers within seconds)
-            problem = tracking_problem(self.tracking_uri)
-        if problem is None:
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, ServiceUnavailableError):   # the server is down: nothing to mark now
+            log(f"could not mark MLflow run {run_id} FAILED: the tracking server does not answer")
+            raise
+        # was it the tracking server? (/health answers within seconds)
+        down = None if isinstance(exc, TDMError) or not isinstance(exc, Exception) else tracking_problem(tracking_uri)
+        if down is None:
+            reason = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else redact(first_line(exc))
             try:
                 import mlflow
 
-                client = mlflow.MlflowClient(self.tracking_uri)
-                client.set_tag(self.run_id, "tdm.failure", reason[:5000])
-                client.set_terminated(self.run_id, status="FAILED")
+                client = mlflow.MlflowClient(tracking_uri)
+                client.set_tag(run_id, "tdm.failure", reason[:5000])
+                client.set_terminated(run_id, status="FAILED")
             except Exception as e:  # noqa: BLE001 - it stopped answering just now
-                problem = redact(first_line(e))
-        if problem is not None:   # the next invocation of the command sets the run's status again
-            log(f"could not mark MLflow run {self.run_id} FAILED ({problem})")
-        if problem is not None and not isinstance(exc, TDMError) and isinstance(exc, Exception):
-            raise ServiceUnavailableError(f"MLFLOW_TRACKING_URI: {problem}, after the training started; the "
-                                          f"checkpoints are kept: run the same command again when it answers, to "
-                                          f"resume and register") from None
-        return False
+                down = redact(first_line(e))
+            else:
+                raise
+        # the next invocation of the command sets the run's status again
+        log(f"could not mark MLflow run {run_id} FAILED ({down})")
+        if isinstance(exc, TDMError) or not isinstance(exc, Exception):
+            raise
+        raise ServiceUnavailableError(f"MLFLOW_TRACKING_URI: {down}, after the training started; the checkpoints "
+                                      f"are kept: run the same command again when it answers, to resume and "
+                                      f"register") from None
 
 
 def deliver_backlog(run_dir: str, run_id: str, tracking_uri: str, when: str) -> None:
