@@ -14,37 +14,24 @@ import sys
 import time
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def main(argv=None) -> int:
     from pydantic import ValidationError
 
     from tdm.serve import ServeConfig, serve_config
     from tdm.serve.app import deployment_options
-    from tdm.serve.auth import ENV
+    from tdm.serve.auth import ENV, bind_refusal
+    from tdm.serve.config import ServeResources
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # a flag names an option exactly
-    for name, field in ServeConfig.model_fields.items():
-        # a bare --flag means true; its value is ServeConfig's to check (one line naming the flag)
+    for name, field in (ServeConfig.model_fields | ServeResources.model_fields).items():
+        # a bare --flag means true; its value is the models' to check (one line naming the flag)
         extra = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
                        help=f"{field.description} [default: {field.default}]", **extra)
-    p.add_argument("--num-replicas", type=int, default=1, help="Generator replicas.")
-    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per generator replica.")
-    p.add_argument("--num-cpus", type=float, default=1, help="CPUs reserved per generator replica.")
     p.add_argument("--host", default="127.0.0.1", help="Address to bind; a non-loopback one needs API keys "
                    f"(--api-keys-file or ${ENV}) or --insecure-no-auth.")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", default="8000", help="Port to bind (1-65535).")
     p.add_argument("--insecure-no-auth", action="store_true", help="Serve without API keys on a non-loopback "
                    "address (anyone who reaches the port can generate).")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address.")
@@ -62,21 +49,24 @@ def main(argv=None) -> int:
     keyed = bool(args.get("api_keys_file")) or bool(os.environ.get(ENV, "").strip())
     if keyed:
         args.setdefault("require_api_key", True)  # keys were asked for: fail closed if they vanish
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        print(f"serve.py: error: --port: an integer in 1-65535, got {port!r}", file=sys.stderr)
+        return 2
     try:
         cfg = ServeConfig.model_validate({k: v for k, v in args.items() if k in ServeConfig.model_fields})
+        res = ServeResources.model_validate({k: v for k, v in args.items() if k in ServeResources.model_fields})
     except ValidationError as e:
         err = e.errors()[0]
         flag, *where = err["loc"]
         item = f" (item {where[0]})" if where else ""
         print(f"serve.py: error: --{str(flag).replace('_', '-')}{item}: {err['msg']}", file=sys.stderr)
         return 2
-    if not (_is_loopback(host) or keyed or insecure or print_only):
-        print(f"serve.py: error: --host {host}: refusing to serve a non-loopback address without API keys; give "
-              f"--api-keys-file PATH or ${ENV}, or --insecure-no-auth", file=sys.stderr)
+    refusal = None if print_only else bind_refusal(host, keyed, insecure)
+    if refusal:
+        print(f"serve.py: error: {refusal}", file=sys.stderr)
         return 2
     if print_only:
-        extras = {k: args[k] for k in ("num_replicas", "num_gpus", "num_cpus")}
-        print(json.dumps(serve_config({**cfg.model_dump(), **extras}), indent=2))
+        print(json.dumps(serve_config({**cfg.model_dump(), **res.model_dump()}), indent=2))
         print(f"# derived deployment options: {json.dumps(deployment_options(cfg))}", file=sys.stderr)
         return 0
     import ray
@@ -85,8 +75,8 @@ def main(argv=None) -> int:
     from tdm.serve import build_app
 
     ray.init(address=address) if address else ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name="tdm", route_prefix="/")
+    serve.start(http_options={"host": host, "port": int(port)})
+    serve.run(build_app({**cfg.model_dump(exclude_unset=True), **res.model_dump()}), name="tdm", route_prefix="/")
     auth = "API keys required" if keyed else "no API keys (open)"
     print(f"[tdm] serving on http://{host}:{port}/ (playground) and /v1/images/generations; {auth} "
           "(Ctrl-C to stop)", flush=True)

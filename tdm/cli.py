@@ -123,7 +123,16 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> TDMC
 
 def run_cli(prog: str, job) -> int:
     """Run job() for an entry point: a TDMError (bad input: a field, an option, a changed teacher) becomes
-    one line on stderr and exit code 2 (3 for an unavailable service, tdm.errors.ServiceUnavailableError)."""
+    one line on stderr and exit code 2 (3 for an unavailable service, tdm.errors.ServiceUnavailableError).
+    Output that is not a terminal is kept free of control sequences (tdm.console.install_output)."""
+    import os
+
+    from .console import install_output
+
+    # Ray's driver holds back a worker line that looks like one from another worker (numbers aside) for up
+    # to 5 s, to print it as "[repeated Nx]": tdm's progress lines would then print late, after the summary
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    install_output()
     try:
         job()
     except TDMError as e:

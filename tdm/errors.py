@@ -47,6 +47,15 @@ def first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def public_message(exc: BaseException) -> str:
+    """What a client of the server may read about a failure: the first line of the message, bounded, or a
+    plain "internal error" when it has none; never the exception's type name (README, "Serving: errors")."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:500]
+    return "internal error (see the server log)"
+
+
 def validation_message(err, what: str = "key") -> str:
     """A pydantic ValidationError as one line naming every dotted field at fault: "unknown <what> 'a.b'"
     for an unknown key, "a.b: <reason> (got <value>)" otherwise."""

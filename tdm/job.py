@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import TDMConfig, flatten, load_config
-from .console import log
+from .console import log, sync_marker, sync_token, wait_for_sync
 from .errors import ConfigError, InputError, TeacherChangedError
 from .spec import ModelSpec, TeacherRef, WorkerSpec
 
@@ -288,9 +288,18 @@ def _train(ws: WorkerSpec, cpus: float):
 # ---------------------------------------------------------------- export, evaluation, registration
 
 def _export_and_evaluate(cfg: TDMConfig, checkpoint, teacher: TeacherRef, tracking_uri: str,
-                         run_id: str) -> ExportResult:
+                         run_id: str, sync: str | None = None) -> ExportResult:
     """(Ray task) Load the final checkpoint, export the student, log it as a pyfunc model, evaluate it
-    against the teacher (tdm.evaluation) and log the results into the run."""
+    against the teacher (tdm.evaluation) and log the results into the run. Its output ends with the driver's
+    `sync` marker (tdm.console.sync_marker)."""
+    try:
+        return _export_and_evaluate_in_task(cfg, checkpoint, teacher, tracking_uri, run_id)
+    finally:
+        sync_marker(sync)
+
+
+def _export_and_evaluate_in_task(cfg: TDMConfig, checkpoint, teacher: TeacherRef, tracking_uri: str,
+                                 run_id: str) -> ExportResult:
     import mlflow
 
     from .backbones import load_backbone
@@ -375,7 +384,13 @@ def evaluate_and_register(cfg: TDMConfig, checkpoint, teacher: TeacherRef, track
                 "rows": {}, "gate": {}, "columns": [], "step": int(done.tags.get("step", 0)),
                 "already_registered": True}
     task = ray.remote(num_cpus=num_cpus, num_gpus=1 if cfg.train.use_gpu else 0)(_export_and_evaluate)
-    out: ExportResult = ray.get(task.remote(cfg, checkpoint, teacher, tracking_uri, run_id))
+    sync = sync_token()
+    try:
+        out: ExportResult = ray.get(task.remote(cfg, checkpoint, teacher, tracking_uri, run_id, sync))
+    except BaseException:
+        wait_for_sync(sync, timeout_s=3.0)   # a task that died never sends its marker
+        raise
+    wait_for_sync(sync)   # the task's last lines are printed before anything of the driver's
     ev = out.evaluation or {}
     passed = bool(ev.get("passed", False))
     tags = {**out.spec.registry_tags(), "tdm_version": __version__, "run_name": cfg.name, "run_id": run_id,

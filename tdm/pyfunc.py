@@ -20,10 +20,17 @@ MLflow loads the model "from code": it runs `tdm/pyfunc_entry.py`, which sets `T
 """
 from __future__ import annotations
 
+import warnings
+
 import mlflow.pyfunc
 
 #: model_config keys load_context understands
 MODEL_CONFIG_KEYS = ("decoder",)
+
+# This model is logged with an explicit signature (pyfunc_signature), so MLflow's advice to add type hints or an
+# input example for inferring one does not apply; it would print in every job that registers a model.
+warnings.filterwarnings("ignore", message=r".*(Add type hints to the `predict` method|An input example was not "
+                        r"provided when logging the model)", category=UserWarning, module="mlflow")
 
 
 class TDMPyfuncModel(mlflow.pyfunc.PythonModel):

@@ -277,9 +277,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     accum = cfg.train.grad_accum_steps
     micro = cfg.train.batch_size // (world * accum)
     nfe_per_sample = {k: k + 5 for k in distiller.step_values}  # rollout K + fake fwd + student fwd + 2 teacher + fake
-    bar = progress(total=cfg.train.max_steps, desc=f"distill {ctx.get_experiment_name()}") if rank == 0 else None
-    if bar is not None:
-        bar.update(start)
+    bar = progress(total=cfg.train.max_steps, initial=start, desc=f"distill {ctx.get_experiment_name()}") \
+        if rank == 0 else None
     t_last = time.perf_counter()
     nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     for step in range(start, cfg.train.max_steps):

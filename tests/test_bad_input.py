@@ -188,6 +188,16 @@ def test_image_teacher_refuses_video_options(tmp_path, tiny_sd_dir):
     (["--load-retry-max-s", "-1"], "--load-retry-max-s"),
     (["--batch-invariant", "maybe"], "--batch-invariant: Input should be a valid boolean"),
     (["--max-prompt-chars", "1000000"], "--max-prompt-chars"),
+    (["--max-images-per-request", "100000"], "--max-images-per-request: Input should be less than or equal to 256"),
+    (["--num-replicas", "-3"], "--num-replicas: Input should be greater than or equal to 1"),
+    (["--num-replicas", "two"], "--num-replicas: Input should be a valid integer"),
+    (["--num-gpus", "-1"], "--num-gpus: Input should be greater than or equal to 0"),
+    (["--num-cpus", "inf"], "--num-cpus: Input should be a finite number"),
+    (["--video-store-ttl-s", "1e12"], "--video-store-ttl-s: Input should be less than or equal to 2592000"),
+    (["--video-store-max-jobs", "0"], "--video-store-max-jobs"),
+    (["--video-job-timeout-s", "-5"], "--video-job-timeout-s"),
+    (["--port", "0"], "--port: an integer in 1-65535, got '0'"),
+    (["--port", "http"], "--port: an integer in 1-65535"),
     # secure by default: a non-loopback address needs keys (checked without --print-config, which
     # only prints)
     (["--host", "0.0.0.0", "--no-print"], "--host 0.0.0.0: refusing to serve a non-loopback address without "

@@ -947,9 +947,10 @@ def test_serve_value_bounds_are_serveconfigs():
     import json
 
     from tdm.serve import ServeConfig
+    from tdm.serve.config import ServeResources
 
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["serve"]["properties"]
-    fields = ServeConfig.model_json_schema()["properties"]
+    fields = ServeConfig.model_json_schema()["properties"] | ServeResources.model_json_schema()["properties"]
     mapping = {"pollIntervalS": "poll_interval_s", "maxBatchSize": "max_batch_size",
                "batchInvariant": "batch_invariant", "batchWaitTimeoutS": "batch_wait_timeout_s",
                "maxImagesPerRequest": "max_images_per_request", "maxPromptChars": "max_prompt_chars",
@@ -959,7 +960,8 @@ def test_serve_value_bounds_are_serveconfigs():
                "modelCacheVersions": "model_cache_versions", "dtype": "dtype",
                "loadRetry.initialS": "load_retry_initial_s", "loadRetry.maxS": "load_retry_max_s",
                "upscaleFactors": "upscale_factors", "videoStore.maxJobs": "video_store_max_jobs",
-               "videoStore.ttlS": "video_store_ttl_s", "videoStore.jobTimeoutS": "video_job_timeout_s"}
+               "videoStore.ttlS": "video_store_ttl_s", "videoStore.jobTimeoutS": "video_job_timeout_s",
+               "numReplicas": "num_replicas", "gpusPerReplica": "num_gpus", "cpusPerReplica": "num_cpus"}
     bound_keys = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "minItems")
 
     def bounds(node: dict) -> dict:
@@ -981,8 +983,9 @@ def test_serve_value_bounds_are_serveconfigs():
             assert app_bounds.pop("type") == "number", value
         assert chart_bounds == app_bounds, f"serve.{value} vs ServeConfig.{field}"
     # every ServeConfig field the chart sets from a value is in the mapping (the rest are set otherwise)
-    args = set(yaml.safe_load(chart_default_serve_config())["applications"][0]["args"]) - BUILD_APP_EXTRAS
+    args = set(yaml.safe_load(chart_default_serve_config())["applications"][0]["args"])
     assert args - set(mapping.values()) == {"model_uri", "tracking_uri"}
+    assert BUILD_APP_EXTRAS == set(ServeResources.model_fields)
 
 
 def chart_default_serve_config() -> str:

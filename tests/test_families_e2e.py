@@ -5,6 +5,8 @@ the pyfunc contract and its pipeline reloads in stock diffusers, giving the same
 import io
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: family -> how its students are trained here (both LoRA and full fine-tuning go through Ray Train)
 CASES = {"sd15": "lora", "sdxl": "full", "pixart": "lora", "sd3": "lora"}
+#: the family whose job runs in a terminal (under `script`); the others' output goes to a pipe
+IN_A_TERMINAL = "sdxl"
+PROGRESS = re.compile(r"\[tdm\] (?P<desc>[^:]+): (?P<n>\d+)/(?P<total>\d+) \(\d+%\)")
+SUMMARY_HEAD = re.compile(r"^sampler +NFE", re.M)
+
+
+def check_terminal_output(text: str, stderr: str | None) -> None:
+    """The job's output (docs/architecture.md, "Terminal output"): progress as lines that reach their total,
+    at most about one per tenth of a loop; the summary last, with nothing drawn after it; and, off a terminal
+    (`stderr` given: the two streams were pipes), no control sequence at all."""
+    if stderr is None:   # the terminal's own line ends; colours (Ray's prefixes, a reset at exit) draw nothing
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text.replace("\r\n", "\n"))
+    else:
+        noisy = [ln for ln in (text + stderr).splitlines(keepends=True) if "\x1b" in ln or "\r" in ln]
+        assert not noisy, noisy[:3]
+    head = SUMMARY_HEAD.search(text)
+    assert head, text[-2000:]
+    summary = text[head.start():]
+    assert "\x1b" not in summary and "\r" not in summary, summary     # nothing redrawn over or after it
+    lines = summary.strip().splitlines()
+    assert re.match(r"run fam-\w+ \(MLflow run \w+\): registered version \d+, gate passed$", lines[-2]), lines
+    assert lines[-1].startswith("MLflow: mlflow ui --backend-store-uri "), lines
+    loops: dict[str, list[tuple[int, int]]] = {}
+    for m in PROGRESS.finditer(text):
+        loops.setdefault(m["desc"], []).append((int(m["n"]), int(m["total"])))
+    assert any(d.startswith("distill fam-") for d in loops) and "student@4" in loops, loops
+    for desc, seen in loops.items():
+        assert seen[-1][0] == seen[-1][1], (desc, seen)        # every loop reports its end ...
+        assert len(seen) <= 12 and len(set(seen)) == len(seen), (desc, seen)   # ... in few lines, none twice
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +93,14 @@ def test_family_distills_exports_and_reloads_in_stock_diffusers(ray_cluster, tdm
             "--eval.teacher_steps", "4", "--eval.student_steps", "4", "--gate.max_clip_score_drop", "100",
             "--loss.guidance_scale", "3.0", "--registry.model_name", name]
     env = dict(os.environ, TDM_HOME=str(tdm_home), RAY_AUTH_MODE="disabled")
-    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "distill.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, str(ROOT / "pipelines" / "distill.py"), *args]
+    tty = family == IN_A_TERMINAL
+    if tty:  # a pseudo-terminal for stdout and stderr together, as an operator's shell gives
+        cmd = ["script", "-qefc", shlex.join(cmd), "/dev/null"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "CLIP score" in proc.stdout
+    check_terminal_output(proc.stdout, None if tty else proc.stderr)
 
     use_tracking_uri()
     client = MlflowClient()

@@ -3,6 +3,7 @@ invariance, errors, overload, and a hot swap of the champion under load."""
 import base64
 import concurrent.futures as cf
 import io
+import json
 import threading
 import time
 
@@ -186,9 +187,13 @@ def test_malformed_json(server):
     (b'{"prompt": "a digit \\ud800"}', "prompt", "surrogate"),            # valid JSON, not encodable text
     (b'{"prompt": "a \\u0007 digit"}', "prompt", "U+0007"),                # a control character
     (b'{"prompt": "a", "user": "x\\udfff"}', "user", "surrogate"),
-    (b'{"prompt": "a", "seed": NaN}', None, "finite"),
-    (b'{"prompt": "a", "seed": -Infinity}', None, "finite"),
-    (b'{"prompt": "a", "user": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", None, "nested"),
+    (b'{"prompt": "a", "seed": NaN}', "seed", "finite"),
+    (b'{"prompt": "a", "seed": -Infinity}', "seed", "-Infinity"),
+    (b'{"prompt": "a", "user": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "user", "nested"),
+    (b'{"prompt": "a", "u\\"s": {"x": [' + b"{" * 40 + b"}" * 40 + b"]}}", 'u\\"s', "nested"),   # an escaped key
+    (b"[" * 20_000 + b"]" * 20_000, None, "nested"),
+    (b'{"prompt": "a", "\\ud800": 1}', None, "request body: Input should be a valid string"),   # a key
+    (b'{"prompt": "a", "user": ' + b"[" * 20_000, "user", "nested"),          # too deep and never closed
 ])
 def test_input_that_parses_but_cannot_be_served_is_a_400(server, raw, param, words):
     r = requests.post(f"{server['url']}/v1/images/generations", data=raw, timeout=30)
@@ -383,12 +388,17 @@ def test_request_deadline_is_504_and_frees_its_slot(server):
     # a slow sender: two bytes of a 100-byte body, then nothing
     t0 = time.time()
     status, _, body = _raw(port, _post_head("/slow/v1/images/generations", 100), b'{"')
-    assert status == 504 and b"request_timeout_s" in body and time.time() - t0 < 10
+    err = json.loads(body)["error"]
+    assert status == 504 and "request_timeout_s" in err["message"] and time.time() - t0 < 10
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "server_error"
     # more work than the deadline allows: the late ones get 504, none another error
     with cf.ThreadPoolExecutor(48) as pool:
-        codes = list(pool.map(lambda i: gen(url, prompt="a handwritten digit 6", n=4, seed=i).status_code,
-                              range(96)))
+        answers = list(pool.map(lambda i: gen(url, prompt="a handwritten digit 6", n=4, seed=i), range(96)))
+    codes = [r.status_code for r in answers]
     assert set(codes) <= {200, 503, 504} and 504 in codes, codes
+    for r in answers:   # every late answer is OpenAI's error shape, with no exception named
+        if r.status_code == 504:
+            assert r.json()["error"]["type"] == "server_error" and "Error" not in r.json()["error"]["message"]
     # the timed-out jobs were cancelled, not left queued: a lone request is served within the deadline again
     assert gen(url, prompt="a handwritten digit 6", seed=1).status_code == 200
     assert requests.get(f"{url}/healthz", timeout=10).status_code == 200

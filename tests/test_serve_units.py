@@ -3,7 +3,7 @@ cache (bounded, never partial) and the dtype a model loads in."""
 import pytest
 import torch
 
-from tdm.serve.auth import APIKeys, parse_keys
+from tdm.serve.auth import ENV, APIKeys, bind_refusal, parse_keys
 from tdm.serve.generator import backoff_s, bucket_size, resolve_dtype, run_images
 from tdm.serve.protocol import GenerationJob
 from tdm.spec import GenerationParams
@@ -71,6 +71,23 @@ def test_api_keys_parse_check_and_rotate(tmp_path):
     assert closed.enabled and not closed.check("Bearer ") and not closed.check("Bearer anything")
 
 
+def test_api_keys_from_the_environment(monkeypatch):
+    monkeypatch.setenv(ENV, "rot-old,rot-new")
+    keys = APIKeys(None)                     # read from $TDM_API_KEYS, as the chart's Secret sets it
+    assert keys.enabled and keys.check("Bearer rot-old") and keys.check("Bearer rot-new") and len(keys) == 2
+    monkeypatch.delenv(ENV)
+    assert not APIKeys(None).enabled
+
+
+def test_secure_by_default_binding():
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.8.9.10"):
+        assert bind_refusal(host, keyed=False, insecure=False) is None, host
+    for host in ("0.0.0.0", "10.0.0.5", "::", "example.org"):
+        assert "refusing to serve a non-loopback address without API keys" in bind_refusal(host, False, False)
+        assert bind_refusal(host, keyed=True, insecure=False) is None          # keys given
+        assert bind_refusal(host, keyed=False, insecure=True) is None          # --insecure-no-auth
+
+
 def test_model_cache_is_bounded_and_keeps_what_is_served(tdm_home):
     from tdm import paths
     from tdm.tracking import cached_versions, prune_model_cache
@@ -119,6 +136,11 @@ def test_models_load_in_the_configured_dtype(tiny_toy_dir):
     from tdm.spec import model_spec
 
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    for bf16, want in ((True, torch.bfloat16), (False, torch.float16)):   # auto on a GPU: what the card has
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.cuda, "is_bf16_supported", lambda *a, _b=bf16, **k: _b)
+            assert resolve_dtype("auto", "cuda") == want
+    assert resolve_dtype("float16", "cuda") == torch.float16
     from tdm.backbones import load_backbone
     from tdm.generation import TDMPipeline
 

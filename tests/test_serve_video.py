@@ -3,6 +3,7 @@ server (moto): `POST /v1/videos` jobs, their status and MP4 content (decoded bac
 refusals that say why, and a failing job reported on the job only."""
 import asyncio
 import concurrent.futures as cf
+import json
 import time
 
 import pytest
@@ -185,6 +186,8 @@ def test_a_failing_job_is_reported_on_the_job_only():
                 self.calls += 1
                 if self.calls == 1:
                     raise RuntimeError("CUDA error: an illegal memory access was encountered")
+                if self.calls == 2:
+                    raise KeyError()      # no message: nothing of the exception reaches the client
                 return GenerationResult("m/1", (b"mp4-bytes",))
             self.generate = Remote(generate)
 
@@ -193,11 +196,14 @@ def test_a_failing_job_is_reported_on_the_job_only():
     params = GenerationParams(2, 1.0, (1000, 500), False)
     job = GenerationJob("p", 1, params, 0, 1, "m/1", video=True)
     records = [VideoJob(id=VideoJob.new_id(), model="m/1", prompt="p", seconds="1", size="12x12", seed=0, steps=2,
-                        num_frames=5) for _ in range(2)]
+                        num_frames=5) for _ in range(3)]
     for r in records:
         asyncio.run(ingress._run_video(r, job))
-    failed, ok = (ingress.store.get(r.id) for r in records)
-    assert failed.status == "failed" and "illegal memory access" in failed.error["message"]
+    failed, bare, ok = (ingress.store.get(r.id) for r in records)
+    assert failed.status == "failed" and failed.error["message"] == \
+        "generation failed: CUDA error: an illegal memory access was encountered"      # no exception type
+    assert bare.status == "failed" and bare.error["message"] == "generation failed: internal error (see the " \
+        "server log)" and "KeyError" not in json.dumps(bare.error)
     assert ok.status == "completed" and ingress.store.content(ok.id) == b"mp4-bytes"
 
 
@@ -218,3 +224,50 @@ def test_stores_are_bounded(s3_server):
     assert s3.prune() == 2
     left = [j for j in jobs[:4] if s3.get(j.id) is not None]
     assert len(left) == 2 and s3.content(left[0].id) == b"x"
+
+
+def test_the_playground_plays_the_video_the_api_makes(video_server):
+    """The playground page of a video model (tests/test_playground.py drives the image one), in headless
+    chromium: it shows the model as a video model, hides `n`, runs a job, and plays its MP4 back at the
+    model's size; the MP4 is the one the API returns for the same prompt and seed."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_playground import chrome, fill, open_page
+
+    base = video_server["video"]
+    model_id = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+    try:
+        driver = chrome()
+    except RuntimeError as e:      # no chromium here: a failure that says what to install, never a skip
+        pytest.fail(str(e), pytrace=False)
+    try:
+        open_page(driver, base, model_id)
+        shown_model = driver.find_element("id", "model").text
+        assert shown_model == f"{model_id} (video, 5 frames)", shown_model
+        assert not driver.find_element("id", "n").is_displayed()
+        fill(driver, "a handwritten digit 4 moving up", seed=11, size="32x32")
+        driver.find_element("id", "generate").click()
+
+        def playing(d):   # decoded by the browser: its metadata read and a frame ready to draw
+            v = d.find_elements("css selector", "#results video")
+            ok = len(v) == 1 and d.execute_script("return arguments[0].readyState >= 2", v[0])
+            return v[0] if ok else False
+
+        try:
+            video = WebDriverWait(driver, 120).until(playing)
+        except Exception:
+            raise AssertionError(f"no playable video: status {driver.find_element('id', 'status').text!r}, "
+                                 f"error {driver.find_element('id', 'error').text!r}") from None
+        size = driver.execute_script("return [arguments[0].videoWidth, arguments[0].videoHeight]", video)
+        assert size == [32, 32]
+        assert not driver.find_element("id", "error").is_displayed()
+        assert driver.find_element("css selector", "#results figcaption").text == f"{model_id}\nseed 11"
+        shown = driver.execute_async_script(
+            "const done = arguments[1]; fetch(arguments[0].src).then(r => r.arrayBuffer())"
+            ".then(b => done(Array.from(new Uint8Array(b))));", video)
+    finally:
+        driver.quit()
+    job = requests.post(f"{base}/v1/videos", json={"prompt": "a handwritten digit 4 moving up", "seed": 11,
+                                                    "size": "32x32"}, timeout=30).json()
+    assert wait_done(base, job["id"])["status"] == "completed"
+    direct = requests.get(f"{base}/v1/videos/{job['id']}/content", timeout=30).content
+    assert bytes(shown) == direct, (len(shown), len(direct))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ServeConfig
+from .config import ServeConfig, ServeResources
 from .generator import TDMGenerator
 from .ingress import TDMIngress
 
@@ -31,13 +31,11 @@ def build_app(args: dict[str, Any] | None = None):
     optional `num_replicas`, `num_gpus` and `num_cpus` (per generator replica; the ingress only
     forwards requests and reserves no CPU). Queue bounds follow from the config (deployment_options)."""
     args = dict(args or {})
-    replicas = args.pop("num_replicas", 1)
-    gpus = args.pop("num_gpus", 0)
-    cpus = args.pop("num_cpus", 1)
+    res = ServeResources.model_validate({k: args.pop(k) for k in list(args) if k in ServeResources.model_fields})
     config = ServeConfig.model_validate(args)
     cfg, opts = config.model_dump(), deployment_options(config)
-    generator = TDMGenerator.options(num_replicas=replicas, user_config=cfg, **opts["TDMGenerator"],
-                                     ray_actor_options={"num_gpus": gpus, "num_cpus": cpus}).bind()
+    generator = TDMGenerator.options(num_replicas=res.num_replicas, user_config=cfg, **opts["TDMGenerator"],
+                                     ray_actor_options={"num_gpus": res.num_gpus, "num_cpus": res.num_cpus}).bind()
     return TDMIngress.options(user_config=cfg, ray_actor_options={"num_cpus": 0},
                               **opts["TDMIngress"]).bind(generator)
 

@@ -31,6 +31,27 @@ def parse_keys(text: str) -> list[str]:
     return keys
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address to bind is this machine's alone (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(host: str, keyed: bool, insecure: bool) -> str | None:
+    """Why serving on `host` is refused (secure by default: a non-loopback address needs API keys, or the
+    operator's explicit --insecure-no-auth), or None when it may go ahead."""
+    if is_loopback(host) or keyed or insecure:
+        return None
+    return (f"--host {host}: refusing to serve a non-loopback address without API keys; give --api-keys-file PATH "
+            f"or ${ENV}, or --insecure-no-auth")
+
+
 def _digest(key: str | bytes) -> bytes:
     # comparing fixed-length digests: compare_digest's time then depends on neither key's length
     return hashlib.sha256(key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key).digest()

@@ -25,7 +25,7 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.03, ge=0, le=10, allow_inf_nan=False,
                                         description="How long a batch waits to fill up (seconds), when other "
                                         "requests are about: a request that comes alone starts at once.")
-    max_images_per_request: int = Field(4, ge=1, description="Upper bound of `n`.")
+    max_images_per_request: int = Field(4, ge=1, le=256, description="Upper bound of `n`.")
     max_prompt_chars: int = Field(1000, ge=1, le=100_000, description="Upper bound of the prompt length "
                                   "(characters); text past the model's token limit is truncated (revised_prompt).")
     max_body_bytes: int = Field(65536, ge=1024, le=64 * 2**20, description="Largest request body (bytes); "
@@ -66,10 +66,11 @@ class ServeConfig(BaseModel):
     video_store: Optional[str] = Field(None, description="Where video jobs and their MP4s are kept: none = this "
                                        "ingress replica's memory (one replica); s3://bucket/prefix = an S3-compatible "
                                        "store every replica reads.")
-    video_store_max_jobs: int = Field(1000, ge=1, description="Video jobs kept; the oldest are dropped beyond it.")
-    video_store_ttl_s: float = Field(3600.0, gt=0, allow_inf_nan=False,
+    video_store_max_jobs: int = Field(1000, ge=1, le=1_000_000,
+                                      description="Video jobs kept; the oldest are dropped beyond it.")
+    video_store_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False,
                                      description="Seconds a video job and its MP4 are kept.")
-    video_job_timeout_s: float = Field(900.0, gt=0, allow_inf_nan=False,
+    video_job_timeout_s: float = Field(900.0, gt=0, le=86400, allow_inf_nan=False,
                                        description="A video job still unfinished after this many "
                                        "seconds (e.g. its ingress replica died) is reported failed.")
 
@@ -99,3 +100,15 @@ class ServeConfig(BaseModel):
     def _blank_decoder_is_none(cls, v: Optional[str]) -> Optional[str]:
         # "" is how a chart value or a CLI flag says "no decoder"
         return (v.strip() or None) if v is not None else None
+
+
+class ServeResources(BaseModel):
+    """What each generator replica reserves, and how many there are: build_app's arguments beside the
+    ServeConfig fields (they are deployment options, not user_config). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1, le=1024, description="Generator replicas.")
+    num_gpus: float = Field(0.0, ge=0, le=64, allow_inf_nan=False, description="GPUs per generator replica.")
+    num_cpus: float = Field(1.0, ge=0, le=1024, allow_inf_nan=False,
+                            description="CPUs reserved per generator replica.")

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from ray import serve
 
-from ..errors import ParamError, first_line
+from ..errors import ParamError, first_line, public_message
 from .config import ServeConfig
 from .protocol import GenerationJob, GenerationResult, ServedModel
 
@@ -222,7 +222,7 @@ class TDMGenerator:
         return [target(v, d) for v, d in cached_versions(name) if pinned is None or str(v) == pinned]
 
     def _error(self, label: str | None, e: BaseException) -> None:
-        self.last_error = {"model": label, "message": first_line(e)[:500], "at": int(time.time())}
+        self.last_error = {"model": label, "message": public_message(e), "at": int(time.time())}
 
     def _step(self) -> None:
         """One life-cycle step: find what model_uri names, and load it unless it is served or waiting out

@@ -24,7 +24,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..errors import ParamError, first_line
+from ..errors import ParamError, public_message
 from .auth import APIKeys
 from .config import ServeConfig
 from .protocol import GenerationJob, RequestError, ServedModel, parse_request, parse_video_request
@@ -242,7 +242,7 @@ class TDMIngress:
             await asyncio.to_thread(self.store.put, record)
         except Exception as e:  # noqa: BLE001 - the store is unreachable: this request fails, nothing else
             log.warning("tdm: video store write failed: %s", e)
-            raise unavailable(f"the video store is unavailable: {first_line(e)}", 5) from None
+            raise unavailable(f"the video store is unavailable: {public_message(e)}", 5) from None
         task = asyncio.create_task(self._run_video(record, job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -265,7 +265,7 @@ class TDMIngress:
             log.warning("tdm: video job %s failed: %s", record.id, e)
             try:
                 await asyncio.to_thread(self.store.put, record.finished(False, {
-                    "code": "generation_failed", "message": f"{type(e).__name__}: {first_line(e)}"}))
+                    "code": "generation_failed", "message": f"generation failed: {public_message(e)}"}))
             except Exception as store_error:  # noqa: BLE001 - the store itself is down; the job times out
                 log.warning("tdm: could not record the failure of %s: %s", record.id, store_error)
 

@@ -151,9 +151,53 @@ class GenerationResult:
     revised_prompt: Optional[str] = None    # the part of the prompt the model read (Backbone.readable_prompt)
 
 
-def _non_finite(name: str):
-    # json.loads reads NaN, Infinity and -Infinity by default: no API field takes them
-    raise RequestError(f"request body holds {name}: numbers must be finite")
+#: deepest nesting a request body may have (no API field nests beyond two levels)
+MAX_DEPTH = 32
+
+
+class _NonFinite:
+    """What json.loads makes of NaN, Infinity and -Infinity (it reads them by default): no API field takes
+    them, and _body names the field that holds one."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _non_finite_in(value) -> str | None:
+    """The first NaN/Infinity token (a _NonFinite) anywhere inside a parsed JSON value, or None."""
+    if isinstance(value, _NonFinite):
+        return value.name
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((n for n in map(_non_finite_in, items) if n is not None), None)
+
+
+def _too_deep(text: str, limit: int = MAX_DEPTH) -> tuple[bool, str | None]:
+    """Whether a JSON text nests deeper than `limit`, and the top-level key under which it does (None when
+    the top level itself is the culprit). A scan, not a parse: json.loads would recurse once per level."""
+    if text.count("[") + text.count("{") <= limit:
+        return False, None
+    depth, in_str, esc, start, last, key = 0, False, False, 0, None, None
+    for i, c in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+                if depth == 1:
+                    last = text[start:i]
+        elif c == '"':
+            in_str, start = True, i + 1
+        elif c == ":" and depth == 1:
+            key = last
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return True, key
+        elif c in "]}":
+            depth -= 1
+    return False, None
 
 
 def _check_text(param: str, value: str) -> None:
@@ -172,22 +216,30 @@ def _body(raw: bytes, schema: type[BaseModel]):
     """The request body validated as `schema`, every string in it checked (`_check_text`); RequestError
     naming the field."""
     try:
-        body = json.loads(raw, parse_constant=_non_finite)
-    except RecursionError:
-        raise RequestError("request body is nested too deeply") from None
-    except RequestError:                # a non-finite number (_non_finite)
-        raise
+        deep, key = _too_deep(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        deep, key = False, None         # json.loads says what is wrong with the bytes
+    if deep:
+        raise RequestError(f"{key or 'request body'}: nested more than {MAX_DEPTH} levels deep", key)
+    try:
+        body = json.loads(raw, parse_constant=_NonFinite)
+    except RecursionError:              # not valid JSON past the scan's depth, but still too deep to read
+        raise RequestError(f"request body: nested more than {MAX_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
+    for name, value in body.items():
+        bad = _non_finite_in(value)
+        if bad is not None:
+            raise RequestError(f"{name}: holds {bad}; numbers must be finite", name)
     try:
         req = schema.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None  # a top-level field (a union adds its member)
         msg = "unrecognized request argument" if err["type"] == "extra_forbidden" else err["msg"]
-        raise RequestError(f"{param}: {msg}", param) from None
+        raise RequestError(f"{param or 'request body'}: {msg}", param) from None
     for name, value in req:
         if isinstance(value, str):
             _check_text(name, value)
