@@ -429,9 +429,10 @@ def load_config(data: dict | None = None) -> TDMConfig:
     try:
         return TDMConfig.model_validate(data or {})
     except ValidationError as e:
-        missing = _missing_teacher_path(data or {})
-        if missing:  # the most basic error first: a teacher path that does not exist, before a missing option
-            raise ConfigError(f"teacher.uri: path does not exist: {missing}") from None
+        teacher = (data or {}).get("teacher")
+        bad = teacher_uri_problem(teacher.get("uri") if isinstance(teacher, dict) else None)
+        if bad:  # the most basic error first: a teacher that cannot exist, before a missing option
+            raise ConfigError(f"teacher.uri: {bad}") from None
         raise ConfigError(validation_message(e, "config key")) from None
 
 
@@ -444,12 +445,27 @@ def is_hub_id(uri: str) -> bool:
     return bool(HUB_ID.match(uri)) and not uri.startswith((".", "/", "~"))
 
 
-def _missing_teacher_path(data: dict) -> str | None:
-    """teacher.uri when it is a local path (not a toy, registry, s3:// or hub id) that does not exist: what
-    tdm.teacher.resolve_teacher refuses first."""
+#: models:/<name>@<alias> or models:/<name>/<version>
+REGISTRY_URI = re.compile(r"^models:/[^/@]+(@[^/@]+|/\d+)$")
+#: a URI scheme (s3:, http:, gs:, ...) at the start of a location
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def teacher_uri_problem(uri) -> str | None:
+    """What is wrong with teacher.uri on its face, before anything is read: a registry URI or s3:// location
+    that is malformed, an unsupported scheme, or a local path (not a toy or hub id) that does not exist:
+    what tdm.teacher.resolve_teacher would refuse first. None when it may be resolved."""
     from pathlib import Path
 
-    uri = (data.get("teacher") or {}).get("uri") if isinstance(data.get("teacher"), dict) else None
-    if not isinstance(uri, str) or uri in TOY_TEACHERS or uri.startswith(("models:/", "s3://")):
+    if not isinstance(uri, str) or uri in TOY_TEACHERS:
         return None
-    return uri if not is_hub_id(uri) and not Path(uri).expanduser().exists() else None
+    if uri.startswith("models:/"):
+        return None if REGISTRY_URI.match(uri) else \
+            f"{uri!r} is not models:/<name>@<alias> or models:/<name>/<version>"
+    if uri.startswith("s3://"):
+        return None if uri.removeprefix("s3://").split("/", 1)[0] else f"{uri!r} names no bucket (s3://bucket/prefix)"
+    if SCHEME.match(uri) and not Path(uri).expanduser().exists():
+        return f"{uri!r}: only a toy, a local directory, a hub id, s3://bucket/prefix and models:/ are supported"
+    if not is_hub_id(uri) and not Path(uri).expanduser().exists():
+        return f"path does not exist: {uri}"
+    return None

@@ -39,6 +39,11 @@ INDEX_FILE = "model_index.json"
 def resolve_teacher(uri: str, field: str = "teacher.uri") -> TeacherRef:
     """Pin a teacher location to its immutable identity; ConfigError naming `field` when it cannot be
     read. Registry URIs use the MLflow tracking URI in effect (tdm.tracking.use_tracking_uri)."""
+    from .config import teacher_uri_problem
+
+    problem = teacher_uri_problem(uri)
+    if problem is not None:
+        raise ConfigError(f"{field}: {problem}")
     if uri.startswith("models:/"):
         return _resolve_registry(uri, field)
     if uri.startswith("s3://"):

@@ -34,6 +34,12 @@ def run_distill(tmp_path, *args):
     # the most basic error first: the path, not the option a non-toy teacher also needs
     (["--teacher.uri", "/nonexistent/teacher", "--data.prompts", "a"], "teacher.uri: path does not exist"),
     (["--teacher.uri", "org/model", "--data.prompts", "a"], "eval.clip_model is required"),
+    (["--teacher.uri", "models:/x", "--data.prompts", "a"], "teacher.uri: 'models:/x' is not models:/<name>@<alias>"),
+    (["--teacher.uri", "models:/x", "--eval.enabled", "false"], "teacher.uri: 'models:/x' is not models:/"),
+    (["--teacher.uri", "s3://", "--data.prompts", "a"], "teacher.uri: 's3://' names no bucket"),
+    (["--teacher.uri", "gs://bucket/sd", "--data.prompts", "a"], "teacher.uri: 'gs://bucket/sd': only a toy"),
+    (["--train.storage_path", "s3:/bad"], "train.storage_path: only local paths and s3://bucket/prefix"),
+    (["--train.storage_path", "gs://bucket/runs"], "train.storage_path: only local paths and s3://bucket/prefix"),
     (["--data.prompt_source", "/nonexistent/prompts.txt"], "data.prompt_source"),
     (["--train.num_workers", "3", "--train.batch_size", "64"], "train.batch_size"),
     (["--optim.lr_student", "inf"], "optim.lr_student"),
