@@ -138,7 +138,7 @@ def test_models_load_in_the_configured_dtype(tiny_toy_dir):
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     for bf16, want in ((True, torch.bfloat16), (False, torch.float16)):   # auto on a GPU: what the card has
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, _b=bf16: _b)
+            mp.setattr(torch.cuda, "is_bf16_supported", lambda _b=bf16: _b)
             assert resolve_dtype("auto", "cuda") == want
     assert resolve_dtype("float16", "cuda") == torch.float16
     from tdm.backbones import load_backbone
