@@ -375,6 +375,8 @@ def test_gate_failed_refuses_unless_forced(rendered, kube, registry, tmp_path, c
     assert rc == 0, err
     assert champion(client) == str(versions["run-gate"]) and "--force" in out
     assert served_uri(kube) == f"models:/tdm-student/{versions['run-gate']}"
+    tags = client.get_model_version("tdm-student", versions["run-gate"]).tags   # the version says it was forced
+    assert tags["promotion.forced"] == "true" and tags["promotion.forced_at"].endswith("Z")
 
 
 def _closed_port() -> int:
