@@ -17,6 +17,10 @@ import time
 def main(argv=None) -> int:
     from pydantic import ValidationError
 
+    from tdm.console import install_output
+
+    install_output()   # a pod's log gets plain lines: no colour codes from Ray's prefixes (tdm.console)
+
     from tdm.serve import ServeConfig, serve_config
     from tdm.serve.app import deployment_options
     from tdm.serve.auth import ENV, bind_refusal
