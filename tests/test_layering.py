@@ -141,5 +141,5 @@ def test_one_home_for_tdm_home_and_exception_lines():
     assert readers == ["tdm.paths"]
     splitters = sorted(n for n, src in _sources().items() if re.search(r"splitlines\(\)\[0\]", src))
     assert splitters == []
-    loggers = sorted(n for n, src in _sources().items() if re.search(r'print\(f"\[tdm\]', src))
+    loggers = sorted(n for n, src in _sources().items() if re.search(r'(print|write)\(f"\[tdm\]', src))
     assert loggers == ["tdm.console"]
