@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import json
 import time
 
+import numpy as np
 import pytest
 import requests
 from conftest import free_port
@@ -229,7 +230,7 @@ def test_stores_are_bounded(s3_server):
 def test_the_playground_plays_the_video_the_api_makes(video_server):
     """The playground page of a video model (tests/test_playground.py drives the image one), in headless
     chromium: it shows the model as a video model, hides `n`, runs a job, and plays its MP4 back at the
-    model's size; the MP4 is the one the API returns for the same prompt and seed."""
+    model's size; the video is the one the API returns for the same prompt and seed."""
     from selenium.webdriver.support.ui import WebDriverWait
     from test_playground import chrome, fill, open_page
 
@@ -270,4 +271,10 @@ def test_the_playground_plays_the_video_the_api_makes(video_server):
                                                     "size": "32x32"}, timeout=30).json()
     assert wait_done(base, job["id"])["status"] == "completed"
     direct = requests.get(f"{base}/v1/videos/{job['id']}/content", timeout=30).content
-    assert bytes(shown) == direct, (len(shown), len(direct))
+    # the same video, not the same bytes: a job batched with another runs at another bucket size (README,
+    # "Serving: batching"), which moves pixels by rounding and so the H.264 stream
+    from tdm.video import mp4_frames
+
+    (page, _), (api, _) = mp4_frames(bytes(shown)), mp4_frames(direct)
+    assert page.shape == api.shape == (5, 32, 32, 3)
+    assert np.abs(page.astype(np.float64) - api.astype(np.float64)).mean() < 2.0
