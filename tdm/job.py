@@ -387,7 +387,7 @@ def evaluate_and_register(cfg: TDMConfig, checkpoint, teacher: TeacherRef, track
     sync = sync_token()
     try:
         out: ExportResult = ray.get(task.remote(cfg, checkpoint, teacher, tracking_uri, run_id, sync))
-    except BaseException:
+    except Exception:   # (Ctrl-C stops at once)
         wait_for_sync(sync, timeout_s=3.0)   # a task that died never sends its marker
         raise
     wait_for_sync(sync)   # the task's last lines are printed before anything of the driver's
