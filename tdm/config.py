@@ -451,7 +451,7 @@ REGISTRY_URI = re.compile(r"^models:/[^/@]+(@[^/@]+|/\d+)$")
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-def teacher_uri_problem(uri) -> str | None:
+def teacher_uri_problem(uri: object) -> str | None:
     """What is wrong with teacher.uri on its face, before anything is read: a registry URI or s3:// location
     that is malformed, an unsupported scheme, or a local path (not a toy or hub id) that does not exist:
     what tdm.teacher.resolve_teacher would refuse first. None when it may be resolved."""

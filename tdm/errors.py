@@ -38,22 +38,22 @@ class TeacherChangedError(TDMError):
     """The teacher a run was started with no longer resolves to the same immutable identity."""
 
 
+def _message_line(exc: BaseException) -> str | None:
+    """The first non-empty line of an exception's message, stripped; None when it has none."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), None)
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type name when it has none
     (botocore, MLflow and HTTP clients put pages of context after the line that matters)."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
+    return _message_line(exc) or type(exc).__name__
 
 
 def public_message(exc: BaseException) -> str:
     """What a client of the server may read about a failure: the first line of the message, bounded, or a
     plain "internal error" when it has none; never the exception's type name (README, "Serving: errors")."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()[:500]
-    return "internal error (see the server log)"
+    line = _message_line(exc)
+    return line[:500] if line else "internal error (see the server log)"
 
 
 def validation_message(err, what: str = "key") -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import TDMConfig
+from .config import SCHEME, TDMConfig
 from .errors import ConfigError, first_line, redact
 from .spec import TeacherRef
 
@@ -158,8 +158,6 @@ def check_storage(storage: str) -> str:
         except Exception as e:  # noqa: BLE001 - botocore raises many types: endpoint, credentials, bucket, permission
             raise ConfigError(f"train.storage_path: cannot write to {storage}: {first_line(e)}") from None
         return storage
-    from .config import SCHEME
-
     if "://" in storage or SCHEME.match(storage):   # s3:/x or gs://x: a mistyped URI, never a local directory
         raise ConfigError(f"train.storage_path: only local paths and s3://bucket/prefix are supported, got {storage}")
     path = Path(storage).expanduser().resolve()
