@@ -236,6 +236,14 @@ class TrainConfig(Section):
                                                            "(GPU only); fp16 adds loss scaling. TDM math stays fp32.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass of the "
                                          "trainable networks (less memory, ~30% more compute).")
+    gradient_checkpointing_every: int = Field(1, ge=1, le=64, description="With gradient_checkpointing: "
+                                              "recompute every n-th block only (selective activation "
+                                              "checkpointing; 1 = every block, 2 = half of them).")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism: ddp (every worker holds full "
+                                             "roles) or fsdp (FSDP2: parameters, gradients, optimizer states "
+                                             "and EMA sharded per block over the workers). docs/scaling.md.")
+    fsdp_cpu_offload: bool = Field(False, description="train.strategy fsdp: keep sharded parameters, "
+                                   "gradients and optimizer states in CPU memory between uses.")
     seed: int = Field(0, description="Seed of all distillation randomness (per-step and per-rank streams).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -389,6 +397,13 @@ class TDMConfig(Section):
                              f"train.grad_accum_steps ({t.num_workers} x {t.grad_accum_steps})")
         if t.mixed_precision != "no" and not t.use_gpu:
             raise ValueError(f"train.mixed_precision={t.mixed_precision} needs train.use_gpu (CPU runs in fp32)")
+        if t.strategy == "fsdp" and t.mixed_precision == "fp16":
+            raise ValueError("train.mixed_precision=fp16 is not supported with train.strategy fsdp (its loss scaler "
+                             "does not handle sharded gradients); use bf16")
+        if t.fsdp_cpu_offload and t.strategy != "fsdp":
+            raise ValueError("train.fsdp_cpu_offload needs train.strategy fsdp")
+        if t.gradient_checkpointing_every > 1 and not t.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing_every needs train.gradient_checkpointing true")
         if self.data.prompts is not None and not [p for p in self.data.prompts if p.strip()]:
             raise ValueError("data.prompts is empty")
         if self.data.prompts is not None and self.data.prompt_source is not None:

@@ -105,7 +105,11 @@ class _Levels:
 
 
 def _grad_norm(params, max_norm: float | None) -> float:
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf))
+    """Clip to max_norm; returns the pre-clip norm. Sharded (FSDP) gradients give a DTensor norm: its full
+    value is the global norm over all shards, the same on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
 
 
 class TDMDistiller:
@@ -223,7 +227,12 @@ class TDMDistiller:
         return gn
 
     def _backward(self, loss: torch.Tensor, module: nn.Module, scaler, last: bool) -> None:
-        """Accumulate gradients; DDP all-reduces only on the last micro-batch."""
+        """Accumulate gradients; DDP all-reduces, and FSDP reduce-scatters, only on the last micro-batch."""
+        # an FSDP2 role, or a LoRA role whose shared base is the FSDP root (tdm.sharding.shard_roles)
+        set_sync = getattr(module, "set_requires_gradient_sync", None) or \
+            getattr(getattr(module, "net", None), "set_requires_gradient_sync", None)
+        if set_sync is not None:
+            set_sync(last)
         no_sync = getattr(module, "no_sync", None)
         sync = no_sync() if (not last and no_sync is not None) else contextlib.nullcontext()
         with sync:

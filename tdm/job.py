@@ -313,8 +313,9 @@ def _export_and_evaluate_in_task(cfg: TDMConfig, checkpoint, teacher: TeacherRef
     backbone = load_backbone(teacher_dir(teacher, tracking_uri), video=cfg.video.overrides())
     with checkpoint.as_directory() as d:
         saved = load_state_file(d)
+        denoiser = student_from_state(cfg, backbone, saved, d)
     spec = ModelSpec.parse(saved["spec"], "checkpoint spec")
-    student = TDMPipeline(backbone, spec, denoiser=student_from_state(cfg, backbone, saved))
+    student = TDMPipeline(backbone, spec, denoiser=denoiser)
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         student.save_pretrained(tmp)
         model_uri = log_pipeline_model(tmp, spec).model_uri

@@ -253,15 +253,12 @@ class RankZeroLogger:
     @torch.no_grad()
     def log_samples(self, step: int) -> None:
         """One grid per trained step count: rows are fixed seeds, columns the sample prompts."""
-        from .generation import TDMPipeline
         from .images import image_grid
         from .outbox import Record
 
-        pipe = TDMPipeline(self.backbone, self.spec, denoiser=self.student)
         n = len(self.sample_prompts)
-        prompts = self.sample_prompts * 4
-        for k in self.cfg.student.steps:
-            images = pipe(prompts, num_inference_steps=k, seeds=[i // n for i in range(len(prompts))])
+        for k, images in render_samples(self.backbone, self.spec, self.student, self.sample_prompts,
+                                        self.cfg.student.steps):
             scale = max(1, 64 // images.shape[-1])
             if images.ndim == 5:  # videos: an animated grid per step, as GIF and MP4
                 for name, data in video_grid_files(images, n, scale, self.spec.fps or 8.0, f"step_{step:07d}"):
@@ -270,6 +267,18 @@ class RankZeroLogger:
                 png = io.BytesIO()
                 image_grid(images, nrow=n, scale=scale).save(png, format="PNG")
                 self.outbox.put(Record("image", name=f"samples_K{k}", step=step, data=png.getvalue()))
+
+
+def render_samples(backbone, spec: ModelSpec, student, prompts: list[str], steps: list[int]
+                   ) -> list[tuple[int, torch.Tensor]]:
+    """[(K, samples)] of `student` at each K in `steps`: the first 10 prompts in 4 rows of fixed seeds (row
+    i uses seed i), the same on every rank (a sharded student needs every rank to sample, tdm.train)."""
+    from .generation import TDMPipeline
+
+    pipe = TDMPipeline(backbone, spec, denoiser=student)
+    prompts = prompts[:10]
+    n = len(prompts)
+    return [(k, pipe(prompts * 4, num_inference_steps=k, seeds=[i // n for i in range(4 * n)])) for k in steps]
 
 
 def video_grid_files(videos: torch.Tensor, nrow: int, scale: int, fps: float, name: str) -> list[tuple[str, bytes]]:

@@ -70,13 +70,17 @@ class TrainState:
         self.sched_student, self.sched_fake = sched_student, sched_fake
         self.ema = ema
 
+    def sections(self) -> dict:
+        """The networks', optimizers' and EMA's state: what FSDP shards (tdm.sharding.SHARDED_SECTIONS). The
+        tensors are the live ones, so loading a checkpoint into them works in place."""
+        return {"student": self.student.role_state_dict(), "fake": self.fake.role_state_dict(),
+                "opt_student": self.opt_student.state_dict(), "opt_fake": self.opt_fake.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
     def state_dict(self, step: int, cfg: TDMConfig, extra: dict) -> dict:
         return {
-            "step": step,
-            "student": self.student.role_state_dict(), "fake": self.fake.role_state_dict(),
-            "opt_student": self.opt_student.state_dict(), "opt_fake": self.opt_fake.state_dict(),
+            "step": step, **self.sections(),
             "sched_student": self.sched_student.state_dict(), "sched_fake": self.sched_fake.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "config": cfg.model_dump(mode="json"), **extra,
         }
@@ -94,6 +98,18 @@ class TrainState:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         return int(state["step"])
+
+    def load_sharded(self, directory: str | Path, rest: dict) -> int:
+        """Resume from a sharded checkpoint (`rest`: its statefile part, tdm.sharding.split_state): each rank
+        reads its own slices of every network, optimizer and EMA tensor straight into the live (sharded)
+        ones, whatever the worker count that wrote them."""
+        from .sharding import flatten, init_optimizer_state, join_state, load_sharded
+
+        init_optimizer_state(self.opt_student)
+        init_optimizer_state(self.opt_fake)
+        live = flatten(self.sections())
+        load_sharded(directory, live)
+        return self.load_state_dict(join_state(rest, live))
 
 
 class NonFiniteGuard:
@@ -121,17 +137,37 @@ def make_role(cfg: TDMConfig, backbone, name: str):
     """The student or the fake score: a full trainable copy, or a LoRA adapter on the shared base."""
     st = cfg.student
     step_values = st.steps if st.unify else None
+    # every block: the network's own gradient checkpointing; every n-th block (selective): tdm.sharding's
+    every = cfg.train.gradient_checkpointing_every
+    whole = cfg.train.gradient_checkpointing and every == 1
     if st.finetune == "lora":
-        return backbone.lora_role(name, st.lora_rank, st.lora_alpha or st.lora_rank, st.lora_targets, step_values,
-                                  cfg.train.gradient_checkpointing)
-    return backbone.trainable_copy(step_values, cfg.train.gradient_checkpointing)
+        role = backbone.lora_role(name, st.lora_rank, st.lora_alpha or st.lora_rank, st.lora_targets, step_values,
+                                  whole)
+    else:
+        role = backbone.trainable_copy(step_values, whole)
+    if cfg.train.gradient_checkpointing and every > 1 and not getattr(role.net, "_tdm_selective_checkpointing", 0):
+        from .sharding import checkpoint_every, shard_units
+        role.net._tdm_selective_checkpointing = checkpoint_every(shard_units(role.net), every)  # once per network
+    return role
 
 
-def build_roles(cfg: TDMConfig, backbone):
-    """Teacher (frozen), student and fake score (full copies or LoRA adapters on the teacher), optimizers, EMA."""
+def build_roles(cfg: TDMConfig, backbone, device: torch.device | None = None):
+    """Teacher (frozen), student and fake score (full copies or LoRA adapters on the teacher), optimizers, EMA.
+
+    The training strategy is set up here and only here: under train.strategy fsdp the roles are sharded
+    (tdm.sharding.shard_roles) before their optimizers and EMA see their parameters; under ddp the caller
+    wraps the full roles (DDP needs the process group's device placement, tdm.train.train_loop_per_worker)."""
     student = make_role(cfg, backbone, "student")
     fake = make_role(cfg, backbone, "fake")
     teacher = backbone.denoiser()  # after the adapters exist: on a LoRA base it switches them off
+    if cfg.train.strategy == "fsdp":
+        from .sharding import fsdp_kwargs, shard_roles
+
+        device = device or torch.device("cpu")
+        student.to(device)
+        fake.to(device)
+        shard_roles(student, fake, backbone.network, cfg.student.finetune == "lora",
+                    fsdp_kwargs(device.type, cfg.train.mixed_precision, cfg.train.fsdp_cpu_offload))
     o = cfg.optim
     opt_s = build_optimizer(student, o.lr_student, o)
     opt_f = build_optimizer(fake, o.lr_fake, o)
@@ -145,10 +181,28 @@ def load_state_file(directory: str | Path) -> dict:
     return load_state(directory)
 
 
-def student_from_state(cfg: TDMConfig, backbone, state: dict):
+def student_from_state(cfg: TDMConfig, backbone, state: dict, directory: str | Path | None = None):
     """The student of a checkpoint (its EMA weights when EMA is on), frozen, ready to sample. In LoRA
-    mode the adapter is added to `backbone`'s network (the teacher stays available with it off)."""
+    mode the adapter is added to `backbone`'s network (the teacher stays available with it off).
+
+    A sharded checkpoint (train.strategy fsdp; `directory` is where it lies) is read straight into the
+    student's parameters, the EMA shadow when there is one, else the trained weights: one full copy of the
+    student in memory, never the optimizer states or a second copy."""
+    from .sharding import SHARDED_FORMAT, load_sharded
+
     student = make_role(cfg, backbone, "student")
+    if state.get("format") == SHARDED_FORMAT:
+        if directory is None:
+            raise ValueError("student_from_state: a sharded checkpoint needs its directory")
+        ema = state["sharded"].get("ema")
+        if ema is not None:   # shadow i is the i-th trainable parameter (tdm.distiller.EMA)
+            params = student.trainable_parameters()
+            into = {s["$shard"]: p.data for s, p in zip(ema["shadow"], params)}
+        else:
+            own = student.role_state_dict()
+            into = {ref["$shard"]: own[name] for name, ref in state["sharded"]["student"].items()}
+        load_sharded(directory, into)
+        return student.eval().requires_grad_(False)
     student.load_role_state_dict(state["student"])
     if state.get("ema") is not None:
         ema = EMA(student, state["ema"]["decay"])
@@ -195,6 +249,17 @@ def encode_prompt_set(backbone, prompts: list[str], teacher: TeacherRef, use_cac
     return cond
 
 
+def check_checkpoint_strategy(state: dict, strategy: str) -> None:
+    """A sharded checkpoint resumes only under FSDP, a whole one only under DDP (its format says which)."""
+    from .sharding import SHARDED_FORMAT
+
+    written = "fsdp" if state.get("format") == SHARDED_FORMAT else "ddp"
+    if written != strategy:
+        from .errors import ConfigError
+        raise ConfigError(f"train.strategy: this run's checkpoints were written under {written}, so it resumes "
+                          f"with --train.strategy {written} (or start a new run with another --name)")
+
+
 def check_checkpoint_teacher(state: dict, teacher: TeacherRef) -> None:
     """A checkpoint resumes only onto the teacher it was trained against."""
     if state.get("teacher") is not None:
@@ -216,7 +281,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from ray.train.torch import get_device, prepare_model
 
     from .teacher import teacher_dir
-    from .tracking import RankZeroLogger
+    from .tracking import RankZeroLogger, render_samples
 
     ws: WorkerSpec = loop_config["spec"]
     cfg = ws.config
@@ -234,9 +299,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cond_all = encode_prompt_set(backbone, prompts, ws.teacher, cfg.data.embedding_cache)
     uncond_one = backbone.encode_prompts([cfg.teacher.negative_prompt])
     torch.manual_seed(cfg.train.seed)
-    teacher, state = build_roles(cfg, backbone)
-    state.student.to(device)
-    state.fake.to(device)
+    sharded = cfg.train.strategy == "fsdp"
+    teacher, state = build_roles(cfg, backbone, device)
+    if not sharded:
+        state.student.to(device)
+        state.fake.to(device)
 
     start, saved = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -244,10 +311,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             saved = load_state_file(d)
             check_checkpoint_teacher(saved, ws.teacher)
-            start = state.load_state_dict(saved)
+            check_checkpoint_strategy(saved, cfg.train.strategy)
+            start = state.load_sharded(d, saved) if sharded else state.load_state_dict(saved)
     student, fake = state.student, state.fake
     grad_sync = None
-    if world > 1 and cfg.student.finetune == "full":
+    if sharded:
+        pass  # FSDP reduce-scatters the gradients itself (tdm.sharding)
+    elif world > 1 and cfg.student.finetune == "full":
         # DDP for the trainable roles only; the frozen teacher is moved, not wrapped
         student = prepare_model(student, move_to_device=False)
         fake = prepare_model(fake, move_to_device=False)
@@ -298,24 +368,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
             bar.update(1)
         if logger is not None:
             logger.log_step(done, metrics)
-            if done % cfg.train.sample_every == 0 or done == cfg.train.max_steps:
+        if done % cfg.train.sample_every == 0 or done == cfg.train.max_steps:
+            if logger is not None:
                 logger.log_samples(done)
+            elif sharded:  # a sharded student samples only with every rank taking part in its all-gathers
+                render_samples(backbone, spec, state.student, ws.prompts, cfg.student.steps)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
             report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    described = {"teacher": ws.teacher.model_dump(), "spec": spec.model_dump(mode="json"),
-                                 "scalers": distiller.scaler_state()}
-                    save_state(tmp, state.state_dict(done, cfg, described))
+            with tempfile.TemporaryDirectory() as tmp:
+                described = {"teacher": ws.teacher.model_dump(), "spec": spec.model_dump(mode="json"),
+                             "scalers": distiller.scaler_state()}
+                full = state.state_dict(done, cfg, described)
+                if sharded:  # every rank writes its shards; Ray Train merges the ranks' directories
+                    from .sharding import save_sharded, split_state
+                    full, tensors = split_state(full)
+                    save_sharded(tmp, tensors)
+                if rank == 0:
+                    save_state(tmp, full)
                     # small, human-readable description next to the state (read without loading weights)
                     (Path(tmp) / META_FILE).write_text(json.dumps({
                         "step": done, "run_id": ws.run_id, "config": cfg.model_dump(mode="json"), **described,
                         "metrics": report}, indent=2))
-                    ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
-                                     checkpoint_dir_name=checkpoint_dir_name(done))
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 or sharded else None,
+                                 checkpoint_dir_name=checkpoint_dir_name(done))
+            if logger is not None:
                 logger.log_checkpoint(done, ws.checkpoint_uri(done), metrics)
-            else:
-                ray.train.report(report, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(done))
     if bar is not None:
         bar.close()
     if logger is not None:

@@ -115,9 +115,13 @@ class Denoiser(nn.Module):
         """The parameters this role trains: its LoRA adapter (shared base) or every network parameter
         that requires grad (full copy), plus its step embedding."""
         if self.adapter is not None:
+            # named from this role's own attributes: under FSDP the shared base also carries every role's
+            # step embedding (tdm.sharding.shard_roles), which must not be found a second time under `net.`
             tag = f".{self.adapter}."
-            return [(n, p) for n, p in self.named_parameters()
-                    if n.startswith("step_embedding.") or ("lora_" in n and tag in n)]
+            own = [(n, p) for n, p in self.net.named_parameters(prefix="net") if "lora_" in n and tag in n]
+            if self.step_embedding is not None:
+                own += list(self.step_embedding.named_parameters(prefix="step_embedding"))
+            return own
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
