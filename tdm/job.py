@@ -195,6 +195,11 @@ def param_value(value) -> str:
     return text[:keep] + marker.format(len(text) - keep)
 
 
+#: what a resume may change besides train.max_steps: the worker group (a checkpoint holds the whole state, or
+#: shards that DCP redistributes, tdm.sharding); the global batch and the rest of the maths stay as started
+RESOURCE_KEYS = ("train.num_workers", "train.cpus_per_worker")
+
+
 def check_resume(run, cfg: TDMConfig, teacher: TeacherRef) -> None:
     """A resumed run keeps its config (train.max_steps may grow) and its teacher's identity."""
     import mlflow
@@ -224,8 +229,12 @@ def check_resume(run, cfg: TDMConfig, teacher: TeacherRef) -> None:
                           f"pipelines/register.py --checkpoint instead")
     if cfg.train.max_steps > old_steps:
         log(max_steps_change(old_steps, cfg.train.max_steps, cfg.optim.lr_schedule, cfg.optim.warmup_steps))
+    for key in RESOURCE_KEYS:
+        if key in before and before[key] != now.get(key):
+            log(f"resuming on {key}={now.get(key)} (started with {before[key]}): the checkpoint is loaded onto the new "
+                f"worker group (resharded under train.strategy fsdp)")
     for key, value in now.items():
-        if key not in ("train.max_steps", "name") and before.get(key) != value:
+        if key not in ("train.max_steps", "name", *RESOURCE_KEYS) and before.get(key) != value:
             raise ConfigError(f"{key}: run '{cfg.name}' was started with {before.get(key)}, got {value}; "
                               f"use a new --name to change the config")
 
