@@ -56,6 +56,27 @@ def train_worker_pids():
                                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
+def kill_a_worker_once(killed: dict, run_name: str, after_step: int) -> threading.Thread:
+    """A started thread that SIGKILLs one Ray Train worker once run `run_name` has a checkpoint at or past
+    `after_step`; it records the worker's pid and that step in `killed`."""
+    from tdm.tracking import find_run, get_or_create_experiment
+
+    def killer():
+        exp = get_or_create_experiment("tdm")
+
+        def progressed():
+            run = find_run(exp, run_name)
+            return run is not None and run.data.metrics.get("checkpoint/step", 0) >= after_step
+        if wait_for(progressed, 300):
+            killed["pid"] = max(train_worker_pids())
+            killed["at"] = find_run(exp, run_name).data.metrics["checkpoint/step"]
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.fixture(scope="module")
 def reference(ray_cluster):
     """The uninterrupted run every interrupted one is compared with."""
@@ -66,23 +87,9 @@ def reference(ray_cluster):
 
 def test_sigkilled_worker_resumes_from_last_checkpoint(ray_cluster, reference, tdm_home):
     from tdm.job import distill
-    from tdm.tracking import find_run, get_or_create_experiment
 
-    killed = {}
-
-    def killer():
-        exp = get_or_create_experiment("tdm")
-        def progressed():
-            run = find_run(exp, "ft-killed")
-            return run is not None and run.data.metrics.get("checkpoint/step", 0) >= 8
-        if wait_for(progressed, 300):
-            pid = max(train_worker_pids())
-            killed["pid"] = pid
-            killed["at"] = find_run(exp, "ft-killed").data.metrics["checkpoint/step"]
-            os.kill(pid, signal.SIGKILL)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    killed: dict = {}
+    thread = kill_a_worker_once(killed, "ft-killed", 8)
     out = distill(ft_config("ft-killed"))
     thread.join(timeout=5)
     assert "pid" in killed, "the worker was never killed"

@@ -7,15 +7,12 @@ same maths on the same data (each rank's draws depend only on seed, step and ran
 summation order (FSDP reduce-scatters each block and sums the gradient norm over shards, DDP all-reduces
 buckets), and Adam's division by the root of the second moment lets such differences grow over a few steps
 (tests/test_sharding.py measures the same gap below Ray)."""
-import os
-import signal
-import threading
 from pathlib import Path
 
 import pytest
 from conftest import tiny_config
 from mlflow import MlflowClient
-from test_fault_tolerance import committed_steps, loss_curve, train_worker_pids, wait_for
+from test_fault_tolerance import committed_steps, kill_a_worker_once, loss_curve
 
 NO_EVAL = {"enabled": False}
 LORA = {"finetune": "lora", "lora_rank": 4, "lora_targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}
@@ -83,28 +80,14 @@ def test_fsdp_resumes_a_two_worker_checkpoint_on_one_worker(ray_cluster, tdm_hom
 
 def test_fsdp_sigkilled_worker_resumes_to_the_exact_final_step(ray_cluster, tdm_home):
     from tdm.job import distill
-    from tdm.tracking import find_run, get_or_create_experiment
 
     long = {"max_steps": 18, "checkpoint_every": 3, "sample_every": 100}
     reference = distill(_config("fsdp-ft-reference", "fsdp", **long))
-    killed = {}
-
-    def killer():
-        exp = get_or_create_experiment("tdm")
-
-        def progressed():
-            run = find_run(exp, "fsdp-ft-killed")
-            return run is not None and run.data.metrics.get("checkpoint/step", 0) >= 6
-        if wait_for(progressed, 300):
-            killed["at"] = find_run(exp, "fsdp-ft-killed").data.metrics["checkpoint/step"]
-            os.kill(max(train_worker_pids()), signal.SIGKILL)
-            killed["done"] = True
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    killed: dict = {}
+    thread = kill_a_worker_once(killed, "fsdp-ft-killed", 6)
     out = distill(_config("fsdp-ft-killed", "fsdp", **long))
     thread.join(timeout=5)
-    assert killed.get("done"), "the worker was never killed"
+    assert "pid" in killed, "the worker was never killed"
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tdm").experiment_id],
                               filter_string="tags.`tdm.run_name` = 'fsdp-ft-killed'")

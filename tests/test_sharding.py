@@ -1,9 +1,11 @@
-"""FSDP2 (train.strategy fsdp) below Ray: sharding units, the sharded checkpoint format, and 2 gloo processes
-training the tiny toy UNet, checked against one unsharded process. docs/scaling.md.
+"""FSDP2 (train.strategy fsdp) below Ray: sharding units, the sharded checkpoint format, and gloo processes
+training the tiny toy UNet from sharded checkpoints on 1 and 2 workers, checked against one unsharded process
+(tests/test_fsdp_e2e.py compares FSDP with DDP through Ray Train). docs/scaling.md.
 
-Every rank of a multi-process case gets the same micro-batch, so the averaged gradient equals the single
-process's: the sharded and the unsharded run then differ only by float32 summation order (the gradient norm
-is summed over shards), hence the 1e-5 tolerance."""
+Every rank gets the same micro-batch, so the averaged gradient equals the single process's: the runs then
+differ only by float32 summation order (the gradient norm is summed over shards). Losses are compared at a
+relative 1e-4, weights by the relative gap of the whole update (_update_gap) at 1e-3; Adam's epsilon is 1e-3
+here so that a gradient element near zero does not turn a rounding difference into a full step."""
 import json
 import os
 import pickle
@@ -55,10 +57,11 @@ def _run(cfg, toy_dir, steps, start_dir=None, save_dir=None):
     d = TDMDistiller(cfg.student, cfg.loss, cfg.optim, b.schedule, b.latent_shape, teacher, st.student, st.fake,
                      st.opt_student, st.opt_fake, st.sched_student, st.sched_fake, st.ema)
     cond, uncond = b.encode_prompts(["a handwritten digit 1", "a handwritten digit 7"]), b.encode_prompts([""] * 2)
-    curve, initial = [], _full_weights(st.student)
+    curve, emas, initial = [], [], _full_weights(st.student)
     for i in range(start, start + steps):
         m = d.step([(cond, uncond)], 2 if i % 2 else 1, torch.Generator().manual_seed(i))
         curve.append((m["loss_fake"], m["loss_student"], m["grad_norm_student"]))
+        emas.append([s.full_tensor() if hasattr(s, "full_tensor") else s.clone() for s in st.ema.shadow])
     if save_dir is not None:
         full = st.state_dict(start + steps, cfg, {})
         if cfg.train.strategy == "fsdp":
@@ -67,8 +70,7 @@ def _run(cfg, toy_dir, steps, start_dir=None, save_dir=None):
             save_sharded(Path(save_dir) / f"rank{dist.get_rank()}", tensors)
         if not dist.is_initialized() or dist.get_rank() == 0:
             save_state(Path(save_dir) / "rank0", full)
-    ema = [s.full_tensor() if hasattr(s, "full_tensor") else s.clone() for s in st.ema.shadow]
-    return curve, _full_weights(st.student), ema, initial
+    return curve, _full_weights(st.student), emas, initial
 
 
 def _full_weights(role) -> dict[str, torch.Tensor]:
@@ -156,21 +158,10 @@ def test_split_and_join_a_state_round_trip():
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
-def test_fsdp_on_two_processes_matches_one_unsharded_process(finetune, tiny_toy_dir, tmp_path):
-    ref_curve, ref_w, ref_ema, initial = _run(_config(finetune, "ddp"), tiny_toy_dir, STEPS)
-    curve, w, ema, _ = _spawn(2, _config(finetune, "fsdp"), tiny_toy_dir, STEPS, tmp_path)
-    assert _close(curve, ref_curve), (curve, ref_curve)
-    assert w.keys() == ref_w.keys()
-    print("update gap", _update_gap(w, ref_w, initial))
-    assert _update_gap(w, ref_w, initial) < 1e-3
-    if finetune == "lora":   # the step embedding trained too (it starts at zero)
-        assert w["step_embedding.embedding.weight"].abs().sum() > 0
-
-
-@pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_sharded_checkpoint_resumes_on_one_and_on_two_workers(finetune, tiny_toy_dir, tmp_path, monkeypatch):
     cfg = _config(finetune, "fsdp")
-    straight = _spawn(2, cfg, tiny_toy_dir, 2 * STEPS, tmp_path)
+    straight = _run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"strategy": "ddp"})}),
+                    tiny_toy_dir, 2 * STEPS)   # one unsharded process: the same maths (module docstring)
     _spawn(2, cfg, tiny_toy_dir, STEPS, tmp_path, save_dir=tmp_path / "save2")
     ckpt = _merge_rank_dirs(tmp_path / "save2", tmp_path / "ckpt")
     files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
@@ -194,7 +185,7 @@ def test_sharded_checkpoint_resumes_on_one_and_on_two_workers(finetune, tiny_toy
     from tdm.backbones import load_backbone
     from tdm.train import load_state_file, student_from_state
 
-    mid = _spawn(1, cfg, tiny_toy_dir, STEPS, tmp_path)[2]   # the uninterrupted run's EMA at step STEPS
+    mid = straight[2][STEPS - 1]   # the uninterrupted run's EMA at step STEPS
 
     def no_pickle(*_a, **_k):
         raise AssertionError("a sharded checkpoint was unpickled")
@@ -205,5 +196,5 @@ def test_sharded_checkpoint_resumes_on_one_and_on_two_workers(finetune, tiny_toy
     student = student_from_state(cfg, load_backbone(tiny_toy_dir), saved, ckpt)
     # the trained parameters, in the EMA's order (a full student is frozen for sampling: all of its parameters)
     got = [p.detach() for p in (student.parameters() if finetune == "full" else student.trainable_parameters())]
-    assert saved["step"] == STEPS and len(got) == len(straight[2])
+    assert saved["step"] == STEPS and len(got) == len(mid)
     assert max((a - b).abs().max().item() for a, b in zip(got, mid)) < 1e-5
