@@ -400,8 +400,9 @@ class TDMConfig(Section):
         if t.strategy == "fsdp" and t.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision=fp16 is not supported with train.strategy fsdp (its loss scaler "
                              "does not handle sharded gradients); use bf16")
-        if t.fsdp_cpu_offload and t.strategy != "fsdp":
-            raise ValueError("train.fsdp_cpu_offload needs train.strategy fsdp")
+        if t.fsdp_cpu_offload and (t.strategy != "fsdp" or not t.use_gpu):
+            raise ValueError("train.fsdp_cpu_offload needs train.strategy fsdp and train.use_gpu (it keeps GPU "
+                             "shards in host memory; a CPU run has them there already)")
         if t.gradient_checkpointing_every > 1 and not t.gradient_checkpointing:
             raise ValueError("train.gradient_checkpointing_every needs train.gradient_checkpointing true")
         if self.data.prompts is not None and not [p for p in self.data.prompts if p.strip()]:

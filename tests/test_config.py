@@ -39,6 +39,13 @@ def test_defaults_document_every_field():
     ({"loss": {"interval": "sideways"}}, "loss.interval"),
     ({"loss": {"guidance_scale": 0.5}}, "loss.guidance_scale"),
     ({"toy": {"channels": [12, 24]}}, "multiples of 8"),
+    ({"train": {"strategy": "zero3"}}, "train.strategy"),
+    ({"train": {"strategy": "fsdp", "use_gpu": True, "mixed_precision": "fp16"}}, "fp16 is not supported with "
+     "train.strategy fsdp"),
+    ({"train": {"fsdp_cpu_offload": True}}, "train.fsdp_cpu_offload needs train.strategy fsdp and train.use_gpu"),
+    ({"train": {"strategy": "fsdp", "fsdp_cpu_offload": True}}, "train.fsdp_cpu_offload needs"),
+    ({"train": {"gradient_checkpointing_every": 2}}, "needs train.gradient_checkpointing true"),
+    ({"train": {"gradient_checkpointing": True, "gradient_checkpointing_every": 0}}, "gradient_checkpointing_every"),
 ])
 def test_bad_values_name_the_field(data, match):
     with pytest.raises(ConfigError, match=match):

@@ -58,8 +58,9 @@ def _run(cfg, toy_dir, steps, start_dir=None, save_dir=None):
                      st.opt_student, st.opt_fake, st.sched_student, st.sched_fake, st.ema)
     cond, uncond = b.encode_prompts(["a handwritten digit 1", "a handwritten digit 7"]), b.encode_prompts([""] * 2)
     curve, emas, initial = [], [], _full_weights(st.student)
+    micro = [(cond, uncond)] * cfg.train.grad_accum_steps
     for i in range(start, start + steps):
-        m = d.step([(cond, uncond)], 2 if i % 2 else 1, torch.Generator().manual_seed(i))
+        m = d.step(micro, 2 if i % 2 else 1, torch.Generator().manual_seed(i))
         curve.append((m["loss_fake"], m["loss_student"], m["grad_norm_student"]))
         emas.append([s.full_tensor() if hasattr(s, "full_tensor") else s.clone() for s in st.ema.shadow])
     if save_dir is not None:
@@ -198,3 +199,15 @@ def test_sharded_checkpoint_resumes_on_one_and_on_two_workers(finetune, tiny_toy
     got = [p.detach() for p in (student.parameters() if finetune == "full" else student.trainable_parameters())]
     assert saved["step"] == STEPS and len(got) == len(mid)
     assert max((a - b).abs().max().item() for a, b in zip(got, mid)) < 1e-5
+
+
+def test_fsdp_with_selective_checkpointing_and_accumulation(tiny_toy_dir, tmp_path):
+    """Options that change memory and schedule, not the maths: activation checkpointing of every second block
+    (recomputed inside the block's all-gather) and 2 accumulated micro-batches (FSDP reduce-scatters only on
+    the last) give the unsharded run's losses and update. (CPU offload needs a GPU: the config refuses it on
+    CPU, tests/test_config.py.)"""
+    options = {"gradient_checkpointing": True, "gradient_checkpointing_every": 2, "grad_accum_steps": 2}
+    ref_curve, ref_w, _, initial = _run(_config("full", "ddp", **options), tiny_toy_dir, STEPS)
+    curve, w, _, _ = _spawn(2, _config("full", "fsdp", **options), tiny_toy_dir, STEPS, tmp_path)
+    assert _close(curve, ref_curve), (curve, ref_curve)
+    assert _update_gap(w, ref_w, initial) < 1e-3
