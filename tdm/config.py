@@ -244,6 +244,9 @@ class TrainConfig(Section):
                                              "and EMA sharded per block over the workers). docs/scaling.md.")
     fsdp_cpu_offload: bool = Field(False, description="train.strategy fsdp: keep sharded parameters, "
                                    "gradients and optimizer states in CPU memory between uses.")
+    gpu_memory_gb: Optional[float] = Field(None, gt=0, description="Memory of one worker's GPU: a run whose "
+                                           "estimated per-worker memory (pipelines/distill.py --plan) exceeds it "
+                                           "is refused before any work, naming the changes that would fit.")
     seed: int = Field(0, description="Seed of all distillation randomness (per-step and per-rank streams).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")

@@ -228,7 +228,7 @@ class TDMDistiller:
 
     def _backward(self, loss: torch.Tensor, module: nn.Module, scaler, last: bool) -> None:
         """Accumulate gradients; DDP all-reduces, and FSDP reduce-scatters, only on the last micro-batch."""
-        # an FSDP2 role, or a LoRA role whose shared base is the FSDP root (tdm.sharding.shard_roles)
+        # an FSDP2 role, or a LoRA role whose shared base is the FSDP root (tdm.sharding.shard_base)
         set_sync = getattr(module, "set_requires_gradient_sync", None) or \
             getattr(getattr(module, "net", None), "set_requires_gradient_sync", None)
         if set_sync is not None:

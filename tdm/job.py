@@ -48,6 +48,7 @@ def distill(cfg: TDMConfig) -> dict:
         check_storage,
         check_tracking_server,
         check_video,
+        memory_plan,
         run_prompts,
         teacher_pipeline_class,
         teacher_scheduler_config,
@@ -67,6 +68,8 @@ def distill(cfg: TDMConfig) -> dict:
     pipeline_class = teacher_pipeline_class(teacher, tracking_uri)
     check_grids(cfg, teacher_scheduler_config(teacher, tracking_uri, cfg.toy_kind), pipeline_class)
     check_video(cfg, teacher, pipeline_class, tracking_uri)
+    if cfg.train.gpu_memory_gb is not None:
+        memory_plan(cfg, teacher, tracking_uri)   # refuses a plan that cannot fit, naming what to change
     log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
 
     # 2. Ray, and the toy teacher on first use

@@ -55,26 +55,60 @@ def teacher_pipeline_class(teacher: TeacherRef | None, tracking_uri: str | None 
     InputError naming teacher.uri when no adapter (tdm.backbones.ADAPTERS) supports it."""
     if teacher is None:
         return None
-    from diffusers import DiffusionPipeline
+    from .backbones import adapter_for
 
+    index = teacher_model_index(teacher, tracking_uri)
+    adapter_for(index)   # a pipeline class without an adapter: refused here, not inside every worker
+    return index.get("_class_name")
+
+
+def teacher_location(teacher: TeacherRef, tracking_uri: str | None = None) -> str:
+    """Where the teacher's files are read from: a hub id (config files only are fetched) or a local directory
+    (a registry or S3 teacher is materialised once per node)."""
     from .teacher import teacher_dir
+
+    return teacher.location if teacher.kind == "hub" else str(teacher_dir(teacher, tracking_uri))
+
+
+def teacher_model_index(teacher: TeacherRef, tracking_uri: str | None = None) -> dict:
+    """The teacher's model_index.json; ConfigError naming teacher.uri when it cannot be read."""
+    from diffusers import DiffusionPipeline
 
     try:
         if teacher.kind == "hub":
             from huggingface_hub import constants
 
-            index = DiffusionPipeline.load_config(teacher.location, revision=teacher.revision,
-                                                  cache_dir=constants.HF_HUB_CACHE,
-                                                  local_files_only=constants.HF_HUB_OFFLINE)
-        else:
-            index = DiffusionPipeline.load_config(str(teacher_dir(teacher, tracking_uri)))
+            return dict(DiffusionPipeline.load_config(teacher.location, revision=teacher.revision,
+                                                      cache_dir=constants.HF_HUB_CACHE,
+                                                      local_files_only=constants.HF_HUB_OFFLINE))
+        return dict(DiffusionPipeline.load_config(teacher_location(teacher, tracking_uri)))
     except (OSError, ValueError) as e:
         raise ConfigError(f"teacher.uri: {teacher.location} has no readable model_index.json "
                           f"({first_line(e)})") from None
-    from .backbones import adapter_for
 
-    adapter_for(index)   # a pipeline class without an adapter: refused here, not inside every worker
-    return index.get("_class_name")
+
+def memory_plan(cfg: TDMConfig, teacher: TeacherRef | None, tracking_uri: str | None = None, check: bool = True):
+    """The per-worker tdm.plan.MemoryPlan of `cfg` (teacher None: the embedded toy, planned from its builder)
+    and, when train.gpu_memory_gb is set, ConfigError naming it if the plan does not fit, with the single
+    changes that would."""
+    from .plan import GIB, config_tokens, fitting_changes, meta_network, plan_config, size
+
+    if teacher is None:
+        from .toy.lifecycle import toy_network
+        net, latent = toy_network(cfg)
+    else:
+        net = meta_network(teacher_location(teacher, tracking_uri), teacher_model_index(teacher, tracking_uri))
+        latent = config_tokens(net)
+    plan = plan_config(cfg, net, latent)
+    budget = cfg.train.gpu_memory_gb
+    if check and budget is not None and plan.total > budget * GIB:
+        fixes = fitting_changes(cfg, net, latent, budget * GIB)
+        raise ConfigError(f"train.gpu_memory_gb: this plan needs {size(plan.total)} per worker, "
+                          f"{budget:g} GiB given; " + (f"fits with {', or '.join(fixes)}" if fixes else
+                                                       "no single change fits: combine --train.strategy fsdp with "
+                                                       "more workers, LoRA and checkpointing") +
+                          " (pipelines/distill.py --plan prints the estimate)")
+    return plan
 
 
 def check_video(cfg: TDMConfig, teacher: TeacherRef | None, pipeline_class: str | None,

@@ -95,28 +95,28 @@ def _shard_network(net: nn.Module, kw: dict) -> None:
     fully_shard(net, **kw)
 
 
-def shard_roles(student: nn.Module, fake: nn.Module, teacher_net: nn.Module, shared_base: bool, kw: dict) -> None:
-    """Shard the three roles in place.
-
-    Full copies: the frozen teacher network (blocks, then root), and each role's network blocks, then the
-    role itself (its step embedding and the network's remaining parameters): three separate FSDP trees.
-    LoRA (`shared_base`): FSDP allows a unit under one root only, and the three roles are views of one base,
-    so the base is the single root: each role's step embedding is registered on it first (its parameters
-    keep their role-relative names, tdm.backbones.base.Denoiser.named_trainable_parameters), then the base's
-    blocks and the base are sharded once. Frozen parameters never get gradients; FSDP only all-gathers them."""
+def shard_role(role: nn.Module, kw: dict) -> None:
+    """A full-copy role (student or fake score): its network's blocks, then the role itself (its step
+    embedding and the network's remaining parameters). Called right after the role is copied from the
+    teacher, so a worker holds at most one unsharded copy besides the teacher at any time."""
     from torch.distributed.fsdp import fully_shard
 
-    if shared_base:
-        for role in (student, fake):
-            if role.step_embedding is not None:
-                teacher_net.add_module(f"tdm_step_embedding_{role.adapter}", role.step_embedding)
-        _shard_network(teacher_net, kw)
-        return
-    _shard_network(teacher_net, kw)
-    for role in (student, fake):
-        for unit in shard_units(role.net):
-            fully_shard(unit, **kw)
-        fully_shard(role, **kw)
+    for unit in shard_units(role.net):
+        fully_shard(unit, **kw)
+    fully_shard(role, **kw)
+
+
+def shard_base(net: nn.Module, roles: list[nn.Module], kw: dict) -> None:
+    """The frozen teacher network (blocks, then root), after the roles exist.
+
+    For LoRA the roles are views of this one base, and FSDP allows a unit under one root only, so the base is
+    the single root of all three: each role's step embedding is registered on it first (its parameters keep
+    their role-relative names, tdm.backbones.base.Denoiser.named_trainable_parameters). The frozen weights
+    never get gradients; FSDP only all-gathers them."""
+    for role in roles:
+        if getattr(role, "net", None) is net and role.step_embedding is not None:
+            net.add_module(f"tdm_step_embedding_{role.adapter}", role.step_embedding)
+    _shard_network(net, kw)
 
 
 # ---------------------------------------------------------------- sharded checkpoints

@@ -106,16 +106,18 @@ def build_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     return path / "pipe"
 
 
-def build_tiny_pixart(path: str | Path, seed: int = 0) -> Path:
-    """A tiny PixArt-alpha-shaped pipeline (DiT with learned sigma, T5 encoder, VAE)."""
+def build_tiny_pixart(path: str | Path, seed: int = 0, layers: int = 2, heads: int = 3, head_dim: int = 8,
+                      sample_size: int = 8) -> Path:
+    """A tiny PixArt-alpha-shaped pipeline (DiT with learned sigma, T5 encoder, VAE); the transformer's depth,
+    heads, head width and latent size can be raised (bench/bench_fsdp.py)."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     path = Path(path)
     torch.manual_seed(seed)
     tok = clip_tokenizer(path / "_tok")
-    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
-                                           num_attention_heads=3, caption_channels=32, in_channels=4,
-                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+    transformer = PixArtTransformer2DModel(sample_size=sample_size, num_layers=layers, patch_size=2,
+                                           attention_head_dim=head_dim, num_attention_heads=heads, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=heads * head_dim, out_channels=8, attention_bias=True,
                                            activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                                            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
     pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=_tiny_t5(tok), vae=_tiny_vae(), transformer=transformer,

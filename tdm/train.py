@@ -155,19 +155,23 @@ def build_roles(cfg: TDMConfig, backbone, device: torch.device | None = None):
     """Teacher (frozen), student and fake score (full copies or LoRA adapters on the teacher), optimizers, EMA.
 
     The training strategy is set up here and only here: under train.strategy fsdp the roles are sharded
-    (tdm.sharding.shard_roles) before their optimizers and EMA see their parameters; under ddp the caller
+    (tdm.sharding.shard_role, shard_base) before their optimizers and EMA see their parameters; under ddp the caller
     wraps the full roles (DDP needs the process group's device placement, tdm.train.train_loop_per_worker)."""
-    student = make_role(cfg, backbone, "student")
-    fake = make_role(cfg, backbone, "fake")
-    teacher = backbone.denoiser()  # after the adapters exist: on a LoRA base it switches them off
+    kw = None
     if cfg.train.strategy == "fsdp":
-        from .sharding import fsdp_kwargs, shard_roles
+        from .sharding import fsdp_kwargs, shard_base, shard_role
 
         device = device or torch.device("cpu")
-        student.to(device)
-        fake.to(device)
-        shard_roles(student, fake, backbone.network, cfg.student.finetune == "lora",
-                    fsdp_kwargs(device.type, cfg.train.mixed_precision, cfg.train.fsdp_cpu_offload))
+        kw = fsdp_kwargs(device.type, cfg.train.mixed_precision, cfg.train.fsdp_cpu_offload)
+    roles = []
+    for name in ("student", "fake"):
+        roles.append(make_role(cfg, backbone, name))
+        if kw is not None and cfg.student.finetune == "full":  # sharded as soon as it exists: one full copy at a time
+            shard_role(roles[-1].to(device), kw)
+    student, fake = roles
+    teacher = backbone.denoiser()  # after the adapters exist: on a LoRA base it switches them off
+    if kw is not None:
+        shard_base(backbone.network, roles, kw)   # the teacher; for LoRA the one root of all three roles
     o = cfg.optim
     opt_s = build_optimizer(student, o.lr_student, o)
     opt_f = build_optimizer(fake, o.lr_fake, o)

@@ -116,7 +116,7 @@ class Denoiser(nn.Module):
         that requires grad (full copy), plus its step embedding."""
         if self.adapter is not None:
             # named from this role's own attributes: under FSDP the shared base also carries every role's
-            # step embedding (tdm.sharding.shard_roles), which must not be found a second time under `net.`
+            # step embedding (tdm.sharding.shard_base), which must not be found a second time under `net.`
             tag = f".{self.adapter}."
             own = [(n, p) for n, p in self.net.named_parameters(prefix="net") if "lora_" in n and tag in n]
             if self.step_embedding is not None:

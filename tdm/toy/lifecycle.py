@@ -41,6 +41,21 @@ def toy_scheduler_config(kind: str) -> dict:
     return dict(SCHEDULER_CONFIG)
 
 
+def toy_network(cfg: TDMConfig):
+    """(network, latent shape) of the run's toy teacher, randomly initialised from its settings: what the
+    memory planner (tdm.plan) counts, without training the teacher."""
+    toy = toy_settings(cfg)
+    if isinstance(toy, ToyVideoConfig):
+        from .video_teacher import build_toy_video_backbone
+
+        backbone = build_toy_video_backbone(toy.seed, toy.heads, toy.layers, toy.patch, toy.head_dim)
+    else:
+        from .teacher import build_toy_backbone
+
+        backbone = build_toy_backbone(toy.seed, tuple(toy.channels))
+    return backbone.network, tuple(backbone.latent_shape)
+
+
 def toy_config_key(toy: ToySettings) -> str:
     """Identity of a toy teacher's training settings (all but the registry name and retrain)."""
     return toy.model_dump_json(exclude={"model_name", "retrain"})
