@@ -37,3 +37,10 @@ def check_placement(cfg: TDMConfig, cpus: float) -> None:
     if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
         raise ConfigError(f"train.num_workers={cfg.train.num_workers} needs {need_cpu:g} CPUs and {need_gpu} GPUs; "
                           f"the cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs")
+    if cfg.train.placement_strategy == "STRICT_SPREAD":
+        fit = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus
+               and n["Resources"].get("GPU", 0) >= (1 if cfg.train.use_gpu else 0)]
+        if len(fit) < cfg.train.num_workers:
+            raise ConfigError(f"train.placement_strategy: STRICT_SPREAD puts each of the {cfg.train.num_workers} "
+                              f"workers on its own node, and {len(fit)} node(s) have {cpus:g} CPUs"
+                              f"{' and a GPU' if cfg.train.use_gpu else ''} free to give; add nodes or use SPREAD")

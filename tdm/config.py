@@ -250,6 +250,9 @@ class TrainConfig(Section):
     seed: int = Field(0, description="Seed of all distillation randomness (per-step and per-rank streams).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on nodes (Ray's placement-group strategies): PACK fills "
+        "nodes first, STRICT_SPREAD puts each worker on its own node (one worker per GPU node).")
     cpus_per_worker: Optional[float] = Field(None, gt=0, description="CPUs per worker (default: all of a local "
                                              "machine's CPUs divided among the workers, else 1).")
     ema_decay: Optional[float] = Field(0.99, gt=0, lt=1, description="EMA decay of the student; evaluation and "

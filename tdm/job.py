@@ -281,7 +281,8 @@ def _train(ws: WorkerSpec, cpus: float):
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"spec": ws},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}),
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})},
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(name=ws.config.name, storage_path=ws.storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))

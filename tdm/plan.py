@@ -189,7 +189,8 @@ def fitting_changes(cfg, net: nn.Module, latent_shape: tuple[int, ...], budget_b
                                                                                 cfg.train.grad_accum_steps * 4}},
     }
     if cfg.train.strategy == "fsdp":
-        tries[f"--train.num_workers {cfg.train.num_workers * 2}"] = {"train": {"num_workers": cfg.train.num_workers * 2}}
+        more = cfg.train.num_workers * 2
+        tries[f"--train.num_workers {more}"] = {"train": {"num_workers": more}}
     if cfg.train.use_gpu and cfg.train.mixed_precision == "no":
         tries["--train.mixed_precision bf16"] = {"train": {"mixed_precision": "bf16"}}
     found = []

@@ -116,7 +116,8 @@ def build_tiny_pixart(path: str | Path, seed: int = 0, layers: int = 2, heads: i
     torch.manual_seed(seed)
     tok = clip_tokenizer(path / "_tok")
     transformer = PixArtTransformer2DModel(sample_size=sample_size, num_layers=layers, patch_size=2,
-                                           attention_head_dim=head_dim, num_attention_heads=heads, caption_channels=32, in_channels=4,
+                                           attention_head_dim=head_dim, num_attention_heads=heads, caption_channels=32,
+                                           in_channels=4,
                                            cross_attention_dim=heads * head_dim, out_channels=8, attention_bias=True,
                                            activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                                            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)

@@ -472,6 +472,9 @@ def test_distill_entrypoint_maps_the_values(chart, scenario):
             cfg.train.mixed_precision, cfg.train.gradient_checkpointing, cfg.train.max_failures) == \
         (t["maxSteps"], t["batchSize"], t["numWorkers"], t["useGpu"], t["mixedPrecision"],
          t["gradientCheckpointing"], t["maxFailures"])
+    assert (cfg.train.strategy, cfg.train.placement_strategy, cfg.train.fsdp_cpu_offload, cfg.train.gpu_memory_gb,
+            cfg.train.gradient_checkpointing_every) == \
+        (t["strategy"], t["placementStrategy"], t["fsdpCpuOffload"], t["gpuMemoryGb"], t["gradientCheckpointingEvery"])
     if d["storage"]["type"] == "s3":
         assert cfg.train.storage_path == f"s3://{v['s3']['bucket']}/{d['storage']['s3Prefix'].strip('/')}"
     else:
@@ -487,6 +490,28 @@ def test_distill_entrypoint_maps_the_values(chart, scenario):
     assert ("--preset" in argv) == bool(d["preset"])
     # the repository is the job's working directory, so `pipelines/distill.py` resolves
     assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"]) == {"working_dir": d["workingDir"] or v["image"]["appDir"]}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_nccl_settings_reach_every_ray_pod_of_the_job(chart, scenario):
+    nccl = values_of(scenario)["distill"]["nccl"]
+    spec = one(objects(chart, scenario), "RayJob")["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+    for pod in pods:
+        env = {k: e.get("value") for k, e in env_of(pod["containers"][0]).items() if k.startswith("NCCL_")}
+        assert env == {k: str(v) for k, v in nccl.items()}
+
+
+def test_fsdp_multinode_example_renders_one_gpu_worker_pod_per_worker(chart):
+    rayjob = one(objects(chart, "example:fsdp-multinode"), "RayJob")
+    argv = distill_argv(rayjob)
+    flags = dict(zip(argv[::2], argv[1::2]))
+    assert (flags["--train.strategy"], flags["--train.placement_strategy"], flags["--train.num_workers"]) == \
+        ("fsdp", "STRICT_SPREAD", "4")
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert str(limits["nvidia.com/gpu"]) == "1"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -324,6 +324,13 @@ seccompProfile:
 {{- $f = append $f (list "train.use_gpu" $t.useGpu) -}}
 {{- $f = append $f (list "train.mixed_precision" $t.mixedPrecision) -}}
 {{- $f = append $f (list "train.gradient_checkpointing" $t.gradientCheckpointing) -}}
+{{- $f = append $f (list "train.gradient_checkpointing_every" $t.gradientCheckpointingEvery) -}}
+{{- $f = append $f (list "train.strategy" $t.strategy) -}}
+{{- $f = append $f (list "train.fsdp_cpu_offload" $t.fsdpCpuOffload) -}}
+{{- $f = append $f (list "train.placement_strategy" $t.placementStrategy) -}}
+{{- if not (kindIs "invalid" $t.gpuMemoryGb) -}}
+{{- $f = append $f (list "train.gpu_memory_gb" $t.gpuMemoryGb) -}}
+{{- end -}}
 {{- if not (kindIs "invalid" $t.cpusPerWorker) -}}
 {{- $f = append $f (list "train.cpus_per_worker" $t.cpusPerWorker) -}}
 {{- end -}}
