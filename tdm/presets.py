@@ -32,6 +32,19 @@ PRESETS: dict[str, dict] = {
                  "batch_size": 4},
         "registry": {"model_name": "tdm-wan2.1-t2v-1.3b"},
     },
+    # Wan 2.1 T2V 14B: the 1.3B recipe under FSDP2 over 8 GPUs (docs/scaling.md)
+    "wan2.1-t2v-14b-tdm": {
+        "teacher": {"uri": "Wan-AI/Wan2.1-T2V-14B-Diffusers"},
+        "video": {"frames": 81, "height": 480, "width": 832, "fps": 16},
+        "student": {"num_steps": 4, "finetune": "lora", "lora_rank": 64},
+        "loss": {"guidance_scale": 5.0},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"use_gpu": True, "mixed_precision": "bf16", "gradient_checkpointing": True, "batch_size": 8,
+                  "max_steps": 500, "strategy": "fsdp", "num_workers": 8},
+        "eval": {"teacher_steps": 50, "clip_model": "openai/clip-vit-large-patch14", "num_samples": 200,
+                 "batch_size": 2},
+        "registry": {"model_name": "tdm-wan2.1-t2v-14b"},
+    },
 }
 
 #: where each preset value comes from (docs/method.md §6 has the paper's and the demo's settings)
@@ -57,6 +70,13 @@ SOURCES: dict[str, dict[str, str]] = {
         "optim": "the paper's PixArt/SD1.5 rates (2e-6 student, 2e-5 fake score)",
         "train": "bf16 with gradient checkpointing; 500 iterations as the paper's PixArt run",
         "eval.teacher_steps": "50 steps with CFG (100 NFE), as the CogVideoX comparison",
+    },
+    "wan2.1-t2v-14b-tdm": {
+        "teacher.uri": "Wan 2.1 T2V 14B in diffusers layout",
+        "video": "the 480p geometry of the 1.3B preset (the 14B also has a 720p release)",
+        "student, loss, optim": "as wan2.1-t2v-1.3b-tdm: the authors publish no Wan 14B TDM settings",
+        "train.strategy": "fsdp over 8 workers: the 14B base in bf16 is 28 GB, which DDP would hold whole on "
+                          "every GPU next to the activations of 81 frames; --plan prints the estimate",
     },
 }
 

@@ -86,3 +86,16 @@ def test_resolved_config_round_trips():
     cfg = parse("--student.step_set", "1,2,4")
     again = TDMConfig.model_validate(json.loads(cfg.model_dump_json()))
     assert again == cfg and cfg.to_flat_dict()["student.step_set"] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("name", sorted(__import__("tdm.presets", fromlist=["PRESETS"]).PRESETS))
+def test_every_preset_is_a_valid_config_with_its_sources(name):
+    from tdm.presets import PRESETS, SOURCES, preset
+
+    cfg = load_config(preset(name))
+    assert cfg.teacher.uri == PRESETS[name]["teacher"]["uri"]
+    # every section the preset sets has a stated source
+    sourced = {k.split(".")[0] for key in SOURCES[name] for k in key.split(", ")}
+    assert set(PRESETS[name]) - {"eval", "registry"} <= sourced, (set(PRESETS[name]), sourced)
+    if name == "wan2.1-t2v-14b-tdm":
+        assert (cfg.train.strategy, cfg.train.num_workers) == ("fsdp", 8)
