@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, tiny_config
 from mlflow import MlflowClient
-from test_fault_tolerance import loss_curve, wait_for
+from test_fault_tolerance import committed_steps, loss_curve, wait_for
 
 
 def _alive_nodes():
@@ -63,16 +63,17 @@ def test_one_fsdp_worker_per_node_survives_a_sigkill_on_the_second_node(second_n
     from tdm.tracking import find_run, get_or_create_experiment
 
     cfg = tiny_config(name="two-nodes", eval={"enabled": False},
-                      train={"max_steps": 12, "checkpoint_every": 3, "sample_every": 100, "log_every": 1,
+                      train={"max_steps": 24, "checkpoint_every": 4, "sample_every": 100, "log_every": 1,
                              "strategy": "fsdp", "placement_strategy": "STRICT_SPREAD", "cpus_per_worker": 1})
     seen = {}
 
     def killer():
         exp = get_or_create_experiment("tdm")
 
-        def progressed():
+        def progressed():   # a checkpoint Ray Train has committed: every rank's shard is in storage
             run = find_run(exp, "two-nodes")
-            return run is not None and run.data.metrics.get("checkpoint/step", 0) >= 3
+            return run is not None and run.data.metrics.get("checkpoint/step", 0) >= 4 and \
+                max(committed_steps(Path(tdm_home) / "runs" / "two-nodes"), default=0) >= 4
         if wait_for(progressed, 300):
             workers = _workers()
             seen["nodes"] = sorted(n for _, n in workers)
@@ -90,12 +91,12 @@ def test_one_fsdp_worker_per_node_survives_a_sigkill_on_the_second_node(second_n
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tdm").experiment_id],
                               filter_string="tags.`tdm.run_name` = 'two-nodes'")
-    assert len(runs) == 1 and out["step"] == 12
+    assert len(runs) == 1 and out["step"] == 24 and seen["at"] < 24
     resumed = client.get_metric_history(out["run_id"], "train/resumed_from")
-    assert resumed and 3 <= resumed[-1].value <= seen["at"] + 3
-    assert sorted(loss_curve(out["run_id"])) == list(range(1, 13))
+    assert resumed and 4 <= resumed[-1].value <= seen["at"] + 4
+    assert sorted(loss_curve(out["run_id"])) == list(range(1, 25))
     meta = json.loads(max((Path(tdm_home) / "runs" / "two-nodes").glob("checkpoint_0*/meta.json")).read_text())
-    assert meta["step"] == 12 and meta["config"]["train"]["placement_strategy"] == "STRICT_SPREAD"
+    assert meta["step"] == 24 and meta["config"]["train"]["placement_strategy"] == "STRICT_SPREAD"
 
 
 def test_strict_spread_beyond_the_nodes_is_refused(ray_cluster):
@@ -106,3 +107,4 @@ def test_strict_spread_beyond_the_nodes_is_refused(ray_cluster):
                                           "its own node"):
         distill(tiny_config(name="spread-too-far", train={"num_workers": 4, "batch_size": 8, "cpus_per_worker": 1,
                                                           "placement_strategy": "STRICT_SPREAD"}))
+
