@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         if getattr(args, "print_config", False):
             print(cfg.model_dump_json(indent=2))
             return
-        if args.plan:
+        if getattr(args, "plan", False):   # the parser leaves unset flags out (argparse.SUPPRESS)
             from tdm.preflight import memory_plan
             from tdm.teacher import resolve_teacher
 
