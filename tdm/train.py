@@ -318,14 +318,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             check_checkpoint_strategy(saved, cfg.train.strategy)
             start = state.load_sharded(d, saved) if sharded else state.load_state_dict(saved)
     student, fake = state.student, state.fake
-    grad_sync = None
-    if sharded:
-        pass  # FSDP reduce-scatters the gradients itself (tdm.sharding)
-    elif world > 1 and cfg.student.finetune == "full":
+    grad_sync = None   # under FSDP the sharded roles reduce-scatter their gradients themselves (tdm.sharding)
+    if not sharded and world > 1 and cfg.student.finetune == "full":
         # DDP for the trainable roles only; the frozen teacher is moved, not wrapped
         student = prepare_model(student, move_to_device=False)
         fake = prepare_model(fake, move_to_device=False)
-    elif world > 1:
+    elif not sharded and world > 1:
         # LoRA roles share one base module, which DDP cannot wrap per role: start every rank from rank 0's
         # adapters and average the (small) adapter gradients before each optimizer step
         import torch.distributed as dist
@@ -379,10 +377,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 render_samples(backbone, spec, state.student, ws.prompts, cfg.student.steps)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
             report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+            writes = rank == 0 or sharded   # under DDP rank 0 holds the whole state; under FSDP every rank a shard
             with tempfile.TemporaryDirectory() as tmp:
                 described = {"teacher": ws.teacher.model_dump(), "spec": spec.model_dump(mode="json"),
                              "scalers": distiller.scaler_state()}
-                full = state.state_dict(done, cfg, described)
+                full = state.state_dict(done, cfg, described) if writes else {}
                 if sharded:  # every rank writes its shards; Ray Train merges the ranks' directories
                     from .sharding import save_sharded, split_state
                     full, tensors = split_state(full)
@@ -393,7 +392,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     (Path(tmp) / META_FILE).write_text(json.dumps({
                         "step": done, "run_id": ws.run_id, "config": cfg.model_dump(mode="json"), **described,
                         "metrics": report}, indent=2))
-                ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 or sharded else None,
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp) if writes else None,
                                  checkpoint_dir_name=checkpoint_dir_name(done))
             if logger is not None:
                 logger.log_checkpoint(done, ws.checkpoint_uri(done), metrics)
