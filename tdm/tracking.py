@@ -49,7 +49,14 @@ def get_or_create_experiment(name: str) -> str:
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         location = paths.artifacts_dir().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # another process (a second job, a dashboard) created it between the lookup and the insert
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def find_run(experiment_id: str, run_name: str):

@@ -68,6 +68,12 @@ def test_one_fsdp_worker_per_node_survives_a_sigkill_on_the_second_node(second_n
     seen = {}
 
     def killer():
+        try:
+            kill_when_committed()
+        except Exception as e:       # noqa: BLE001 - shown by the assertion below instead of lost in the thread
+            seen["error"] = repr(e)
+
+    def kill_when_committed():
         exp = get_or_create_experiment("tdm")
 
         def progressed():   # a checkpoint Ray Train has committed: every rank's shard is in storage

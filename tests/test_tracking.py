@@ -37,3 +37,19 @@ def test_same_name_and_version_in_two_registries_are_cached_apart(tdm_home, tiny
         direct = TDMPipeline.from_pretrained(tmp_path / f"pipe_{store}")(["a handwritten digit 3"], seeds=[0])
         assert torch.equal(images[-1], direct)
     assert not torch.equal(images[0], images[1])
+
+
+def test_an_experiment_created_between_lookup_and_insert_is_reused(tmp_path, monkeypatch):
+    """Two jobs starting at once both miss the lookup; the second insert hits the unique name and must
+    return the first job's experiment, not fail (a thread of the multi-node test once died of this)."""
+    use_tracking_uri(f"sqlite:///{tmp_path / 'race.db'}")
+    first = mlflow.create_experiment("raced")          # the other job won the race
+    real = mlflow.get_experiment_by_name
+    calls = []
+
+    def stale_lookup(name):
+        calls.append(name)
+        return None if len(calls) == 1 else real(name)  # this job looked before the other job's insert
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", stale_lookup)
+    assert get_or_create_experiment("raced") == first
+    assert calls == ["raced", "raced"]
