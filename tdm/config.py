@@ -173,6 +173,11 @@ class LossConfig(Section):
     guidance_scale: float = Field(2.0, ge=1.0, description="CFG scale of the teacher in the TDM target, diffusers "
                                   "convention uncond + s*(cond - uncond), 1 = no guidance; baked into the student. "
                                   "Paper: 3.5 (SD1.5, PixArt), 8 (SDXL); demo README 4.5; toy default 2.")
+    teacher_guidance: Literal["cfg", "embedded"] = Field("cfg", description="How the teacher applies guidance_scale "
+                                                         "in the TDM target: 'cfg' = two batched passes (cond, "
+                                                         "uncond); 'embedded' = one pass with the scale fed to a "
+                                                         "guidance-distilled network (FLUX.1-dev), which the "
+                                                         "student then also receives (docs/method.md §9).")
     interval: Literal["separate", "to_terminal"] = Field("separate", description="Diffusion interval of tau: "
                                                          "'separate' = [t_{k-1}, t_k) (disjoint, paper), "
                                                          "'to_terminal' = [t_{k-1}, t_K).")

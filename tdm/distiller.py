@@ -5,7 +5,7 @@ Forward passes per iteration, the minimum the method needs (docs/method.md §8):
   fake-score step  1 fake forward + backward; x0/eps come from the rollout (the demo recomputes them,
                    and runs a teacher forward whose output it never reads)
   generator step   1 student forward + backward, 1 teacher forward on [cond; uncond] (one batched
-                   call), 1 fake forward, no grad
+                   call; cond alone under loss.teacher_guidance embedded), 1 fake forward, no grad
 """
 from __future__ import annotations
 
@@ -263,10 +263,13 @@ class TDMDistiller:
             x0, eps = predict_x0_eps(self.student, self.schedule, lv.x_u, lv.u, cond, steps)
         x_tau, _ = self._diffuse(x0.detach(), eps.detach(), lv)
         with torch.no_grad(), self.autocast():
-            x0_t, _ = predict_x0_eps(self.teacher, self.schedule, torch.cat([x_tau, x_tau]),
-                                     torch.cat([lv.tau, lv.tau]), cond_cat(cond, uncond))
-            x0_cond, x0_uncond = x0_t.chunk(2)
-            x0_real = classifier_free_guidance(x0_cond, x0_uncond, self.loss_cfg.guidance_scale)
+            if self.loss_cfg.teacher_guidance == "embedded":   # the scale is in `cond` (Backbone.with_guidance)
+                x0_real, _ = predict_x0_eps(self.teacher, self.schedule, x_tau, lv.tau, cond)
+            else:
+                x0_t, _ = predict_x0_eps(self.teacher, self.schedule, torch.cat([x_tau, x_tau]),
+                                         torch.cat([lv.tau, lv.tau]), cond_cat(cond, uncond))
+                x0_cond, x0_uncond = x0_t.chunk(2)
+                x0_real = classifier_free_guidance(x0_cond, x0_uncond, self.loss_cfg.guidance_scale)
             x0_fake, _ = predict_x0_eps(self.fake, self.schedule, x_tau, lv.tau, cond, steps)
         target = tdm_target(x0.detach(), x0_real, x0_fake)
         norm = generator_normaliser(x0, x0_real) if self.loss_cfg.normalize else None

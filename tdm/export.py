@@ -109,7 +109,9 @@ def diffusers_usage(backbone, spec: ModelSpec, scheduler: dict) -> DiffusersUsag
     """How to sample the exported student with stock diffusers, at its default step count."""
     steps = spec.default_steps
     grid = spec.grids.get(steps) or uniform_grid(steps, spec.max_timestep)
-    call: dict = {"num_inference_steps": steps, "guidance_scale": 1.0, **backbone.stock_call_kwargs}
+    # guidance_scale 1: no CFG; a guidance-embedding network (FLUX.1-dev) is fed its distilled scale
+    g = spec.guidance_scale if spec.guidance_mode == "embedded" else 1.0
+    call: dict = {"num_inference_steps": steps, "guidance_scale": g, **backbone.stock_call_kwargs}
     accepts = stock_call_parameters(backbone.pipeline_class)  # None: a tdm-only class (the toys)
     note = None
     if backbone.schedule.kind == "flow" and (accepts is None or "sigmas" in accepts):

@@ -61,14 +61,16 @@ class TDMPipeline:
             raise InputError(f"seeds: one per prompt, got {len(seeds)} for {len(prompts)} prompts")
         device = next(self.denoiser.parameters()).device
         noise = seeded_noise(seeds, self.backbone.latent_shape, device=device)
-        cond = self.backbone.encode_prompts(list(prompts))
+        cond = self.backbone.with_guidance(self.backbone.encode_prompts(list(prompts)),
+                                           self.spec.embedded_guidance(params))
         steps = torch.full((len(prompts),), params.steps, device=device) if self.spec.step_conditioned else None
         schedule = self.backbone.schedule
         if not params.cfg:
             def predict(x, t):
                 return predict_x0_eps(self.denoiser, schedule, x, t, cond, steps)
         else:
-            uncond = self.backbone.encode_prompts([self.spec.negative_prompt] * len(prompts))
+            uncond = self.backbone.with_guidance(
+                self.backbone.encode_prompts([self.spec.negative_prompt] * len(prompts)), 1.0)
             both = cond_cat(cond, uncond)
             g = params.guidance_scale
 

@@ -46,6 +46,7 @@ def distill(cfg: TDMConfig) -> dict:
         check_grids,
         check_run_checkpoints,
         check_storage,
+        check_teacher_guidance,
         check_tracking_server,
         check_video,
         memory_plan,
@@ -68,6 +69,7 @@ def distill(cfg: TDMConfig) -> dict:
     pipeline_class = teacher_pipeline_class(teacher, tracking_uri)
     check_grids(cfg, teacher_scheduler_config(teacher, tracking_uri, cfg.toy_kind), pipeline_class)
     check_video(cfg, teacher, pipeline_class, tracking_uri)
+    check_teacher_guidance(cfg, teacher, pipeline_class, tracking_uri)
     if cfg.train.gpu_memory_gb is not None:
         memory_plan(cfg, teacher, tracking_uri)   # refuses a plan that cannot fit, naming what to change
     log(f"run {cfg.name}: MLflow {tracking_uri}, checkpoints {storage}/{cfg.name}")
@@ -336,7 +338,7 @@ def _export_and_evaluate_in_task(cfg: TDMConfig, checkpoint, teacher: TeacherRef
             return ExportResult(spec, saved["step"], model_uri, None)
         # the teacher shares the student's backbone (a LoRA student's base with its adapters off)
         teacher_pipe = TDMPipeline(backbone, teacher_spec(backbone, cfg.eval.teacher_steps, cfg.loss.guidance_scale,
-                                                          cfg.teacher.negative_prompt))
+                                                          cfg.teacher.negative_prompt, cfg.loss.teacher_guidance))
         result = _evaluate(cfg, student, teacher_pipe, teacher)
         log_evaluation(result, saved["step"], fps=spec.fps or 8.0)
     return ExportResult(spec, saved["step"], model_uri, {

@@ -130,29 +130,53 @@ def check_video(cfg: TDMConfig, teacher: TeacherRef | None, pipeline_class: str 
             raise ConfigError(f"video.{next(iter(video))}: the teacher ({pipeline_class}) is an image model; leave "
                               f"video.* unset")
         return
-    if teacher.kind == "hub":
-        from diffusers import ConfigMixin
-        from huggingface_hub import constants
 
-        def read_config(sub: str):
-            try:
-                return dict(ConfigMixin.load_config(teacher.location, subfolder=sub, revision=teacher.revision,
-                                                    cache_dir=constants.HF_HUB_CACHE,
-                                                    local_files_only=constants.HF_HUB_OFFLINE))
-            except (OSError, ValueError):
-                return None
+    def read_config(sub: str):
+        return teacher_component_config(teacher, sub, tracking_uri)
+    if teacher.kind == "hub":
         index, recorded = {"_class_name": pipeline_class}, None
     else:
         root = Path(teacher_dir(teacher, tracking_uri))
-
-        def read_config(sub: str):
-            f = root / sub / "config.json"
-            return json.loads(f.read_text()) if f.is_file() else None
         index = json.loads((root / "model_index.json").read_text())
         recorded = recorded_shape(root, index)
     if read_config("transformer") is None:
         raise ConfigError(f"teacher.uri: {teacher.location} has no readable transformer/config.json")
     adapter.check_shape(read_config, index, video, recorded)
+
+
+def check_teacher_guidance(cfg: TDMConfig, teacher: TeacherRef | None, pipeline_class: str | None,
+                           tracking_uri: str | None = None) -> None:
+    """loss.teacher_guidance embedded needs a guidance-distilled network (transformer config
+    `guidance_embeds`, e.g. FLUX.1-dev), read from configs only (tdm.train.check_teacher_guidance checks the
+    loaded network again)."""
+    if cfg.loss.teacher_guidance != "embedded":
+        return
+    config = teacher_component_config(teacher, "transformer", tracking_uri) if teacher is not None else None
+    if not (config or {}).get("guidance_embeds"):
+        raise ConfigError(f"loss.teacher_guidance: 'embedded' feeds the guidance scale to the network, and this "
+                          f"teacher ({pipeline_class or 'the toy'}) takes none (a guidance-distilled one such as "
+                          f"FLUX.1-dev does); use 'cfg'")
+
+
+def teacher_component_config(teacher: TeacherRef, sub: str, tracking_uri: str | None = None) -> dict | None:
+    """A teacher component's config.json (`sub`: "transformer", "vae", ...) as a dict, read without loading
+    weights (a hub teacher through the HF cache); None when the teacher has no such component."""
+    import json
+
+    from .teacher import teacher_dir
+
+    if teacher.kind == "hub":
+        from diffusers import ConfigMixin
+        from huggingface_hub import constants
+
+        try:
+            return dict(ConfigMixin.load_config(teacher.location, subfolder=sub, revision=teacher.revision,
+                                                cache_dir=constants.HF_HUB_CACHE,
+                                                local_files_only=constants.HF_HUB_OFFLINE))
+        except (OSError, ValueError):
+            return None
+    f = Path(teacher_dir(teacher, tracking_uri)) / sub / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def check_grids(cfg: TDMConfig, scheduler_config: dict, pipeline_class: str | None = None) -> None:

@@ -45,7 +45,34 @@ PRESETS: dict[str, dict] = {
                  "batch_size": 2},
         "registry": {"model_name": "tdm-wan2.1-t2v-14b"},
     },
+    # FLUX.1-dev: guidance-distilled, so the teacher's target is one pass with the scale embedded
+    "flux1-dev-tdm": {
+        "teacher": {"uri": "black-forest-labs/FLUX.1-dev"},
+        "student": {"num_steps": 4, "finetune": "lora", "lora_rank": 64},
+        "loss": {"guidance_scale": 3.5, "teacher_guidance": "embedded"},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"use_gpu": True, "mixed_precision": "bf16", "gradient_checkpointing": True, "batch_size": 8,
+                  "max_steps": 500, "strategy": "fsdp", "num_workers": 8},
+        "eval": {"teacher_steps": 28, "clip_model": "openai/clip-vit-large-patch14", "num_samples": 200,
+                 "batch_size": 4},
+        "registry": {"model_name": "tdm-flux1-dev"},
+    },
+    # Qwen-Image (20B MMDiT): true CFG, two teacher branches
+    "qwen-image-tdm": {
+        "teacher": {"uri": "Qwen/Qwen-Image"},
+        "student": {"num_steps": 4, "finetune": "lora", "lora_rank": 64},
+        "loss": {"guidance_scale": 4.0, "teacher_guidance": "cfg"},
+        "optim": {"lr_student": 2e-6, "lr_fake": 2e-5},
+        "train": {"use_gpu": True, "mixed_precision": "bf16", "gradient_checkpointing": True, "batch_size": 8,
+                  "max_steps": 500, "strategy": "fsdp", "num_workers": 8},
+        "eval": {"teacher_steps": 50, "clip_model": "openai/clip-vit-large-patch14", "num_samples": 200,
+                 "batch_size": 2},
+        "registry": {"model_name": "tdm-qwen-image"},
+    },
 }
+
+#: other names of presets (the issue tracker's spelling)
+ALIASES: dict[str, str] = {"wan21-14b-tdm": "wan2.1-t2v-14b-tdm"}
 
 #: where each preset value comes from (docs/method.md §6 has the paper's and the demo's settings)
 SOURCES: dict[str, dict[str, str]] = {
@@ -78,6 +105,26 @@ SOURCES: dict[str, dict[str, str]] = {
         "train.strategy": "fsdp over 8 workers: the 14B base in bf16 is 28 GB, which DDP would hold whole on "
                           "every GPU next to the activations of 81 frames; --plan prints the estimate",
     },
+    "flux1-dev-tdm": {
+        "teacher.uri": "FLUX.1-dev in diffusers layout (guidance-distilled: guidance_embeds)",
+        "student": "4 steps as the paper's image students; the authors publish no FLUX settings: LoRA rank 64 as "
+                   "the video presets",
+        "loss": "3.5: FluxPipeline's default guidance_scale, embedded (docs/method.md §9): FLUX.1-dev has no "
+                "unconditional branch to run CFG with",
+        "optim": "the paper's PixArt/SD1.5 rates (2e-6 student, 2e-5 fake score)",
+        "train": "bf16 with gradient checkpointing at 1024px; fsdp over 8 workers: the 12B base is 24 GB in bf16 "
+                 "and T5-XXL adds 9.5 GB on every worker; --plan prints the estimate",
+        "eval.teacher_steps": "28: FluxPipeline's default step count",
+    },
+    "qwen-image-tdm": {
+        "teacher.uri": "Qwen-Image in diffusers layout",
+        "student": "4 steps; LoRA rank 64 as the video presets (the Lightning LoRAs publish no training settings)",
+        "loss": "4.0: QwenImagePipeline's default true_cfg_scale, with two CFG branches (its network embeds no "
+                "guidance)",
+        "optim": "the paper's PixArt/SD1.5 rates (2e-6 student, 2e-5 fake score)",
+        "train": "bf16 with gradient checkpointing; fsdp over 8 workers: the 20B base is 41 GB in bf16",
+        "eval.teacher_steps": "50: QwenImagePipeline's default step count",
+    },
 }
 
 
@@ -85,6 +132,7 @@ def preset(name: str) -> dict:
     """A copy of the named preset's partial config; ConfigError naming --preset for an unknown name."""
     import copy
 
+    name = ALIASES.get(name, name)
     if name not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {name!r}; available: {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])

@@ -9,6 +9,7 @@ per sample) or Python floats, and are broadcast over the trailing dimensions.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +37,20 @@ def flow_sigma(t: torch.Tensor, num_train_timesteps: int, shift: float) -> torch
     docs/method.md eq. 1.3)."""
     u = t.float() / num_train_timesteps
     return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def dynamic_flow_shift(seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                       max_shift: float = 1.15, time_shift_type: str = "exponential") -> float:
+    """The constant shift s of flow_sigma equal to a resolution-dependent ("dynamic") time shift at `seq_len`
+    image tokens (FLUX.1, Qwen-Image; docs/method.md eq. 1.3b): mu is linear in seq_len through (base_seq_len,
+    base_shift) and (max_seq_len, max_shift); exponential: sigma' = e^mu / (e^mu + 1/sigma - 1), i.e. s = e^mu;
+    linear: sigma' = mu / (mu + 1/sigma - 1), i.e. s = mu."""
+    mu = base_shift + (max_shift - base_shift) * (seq_len - base_seq_len) / (max_seq_len - base_seq_len)
+    if time_shift_type == "exponential":
+        return math.exp(mu)
+    if time_shift_type == "linear":
+        return mu
+    raise ValueError(f"time_shift_type must be exponential or linear, got {time_shift_type!r}")
 
 
 def flow_alpha_sigma(t: torch.Tensor, num_train_timesteps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +149,11 @@ def snr(alpha, sigma):
     return alpha**2 / sigma**2
 
 
+#: FlowMatchEulerDiscreteScheduler config keys of dynamic shifting -> dynamic_flow_shift arguments
+_DYNAMIC_KEYS = {"base_image_seq_len": "base_seq_len", "max_image_seq_len": "max_seq_len", "base_shift": "base_shift",
+                 "max_shift": "max_shift", "time_shift_type": "time_shift_type"}
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """A teacher's noise schedule: maps timesteps t (teacher units, 0 = cleanest) to (alpha, sigma).
@@ -172,15 +192,21 @@ class NoiseSchedule:
                 "num_train_timesteps": self.num_train_timesteps, "shift": self.shift}
 
     @classmethod
-    def from_scheduler_config(cls, config: dict) -> "NoiseSchedule":
+    def from_scheduler_config(cls, config: dict, seq_len: int | None = None) -> "NoiseSchedule":
         """Build from a diffusers scheduler config: VP (DDPM/DDIM/PNDM/Euler/DPM-Solver/..., with CogVideoX's
         `snr_shift_scale` and `rescale_betas_zero_snr`) or rectified flow (FlowMatchEulerDiscrete `shift`;
         UniPC/DPM-Solver with `use_flow_sigmas` or prediction_type "flow_prediction" and `flow_shift`, as in
-        Wan's hub configs)."""
+        Wan's hub configs). `seq_len`: the network's image tokens per sample, which a FlowMatch scheduler with
+        `use_dynamic_shifting` turns into its shift (dynamic_flow_shift); without it, the config's `shift`."""
         T = int(config.get("num_train_timesteps", 1000))
         if "FlowMatch" in config.get("_class_name", "") or config.get("prediction_type") == "flow":
-            return cls(kind="flow", prediction_type="flow", num_train_timesteps=T,
-                       shift=float(config.get("shift", 1.0)))
+            if config.get("use_dynamic_shifting") and seq_len is not None:
+                # the stock pipeline computes mu from its image token count and shifts with it
+                shift = dynamic_flow_shift(seq_len, **{arg: config[k] for k, arg in _DYNAMIC_KEYS.items()
+                                                       if config.get(k) is not None})
+            else:
+                shift = float(config.get("shift", 1.0))
+            return cls(kind="flow", prediction_type="flow", num_train_timesteps=T, shift=shift)
         if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
             return cls(kind="flow", prediction_type="flow", num_train_timesteps=T,
                        shift=float(config.get("flow_shift") or 1.0))

@@ -142,6 +142,10 @@ class ModelSpec(_Frozen):
                                    "(step_embedding.safetensors holds one row per supported step count).")
     guidance_scale: float = Field(ge=1.0, allow_inf_nan=False, description="Students: the CFG scale distilled "
                                   "in (requests must not ask for another). Teachers: the default CFG scale.")
+    guidance_mode: Literal["cfg", "embedded"] = Field("cfg", description="'cfg': a teacher guides with two "
+                                                      "branches per call; 'embedded': the network takes the scale "
+                                                      "as an input (FLUX.1-dev) and samples in one pass, a student "
+                                                      "at its distilled scale (docs/method.md §9).")
     negative_prompt: str = Field("", description="Prompt of a teacher's unconditional CFG branch.")
     image_size: Optional[tuple[int, int]] = Field(None, description="(height, width) of the decoded output.")
     frames: Optional[int] = Field(None, ge=1, description="Frames per sample of a video model; none: images.")
@@ -225,7 +229,13 @@ class ModelSpec(_Frozen):
                              f"samples without CFG; got {g}")
         if g < 1.0:
             raise ParamError("guidance_scale", f"must be >= 1 (diffusers convention), got {g}")
-        return GenerationParams(n, g, tuple(self.grid(n)), cfg=self.kind == "teacher" and g != 1.0)
+        return GenerationParams(n, g, tuple(self.grid(n)),
+                                cfg=self.kind == "teacher" and g != 1.0 and self.guidance_mode == "cfg")
+
+    def embedded_guidance(self, params: GenerationParams) -> float:
+        """The scale fed to a guidance-embedding network: the requested (teacher) or distilled (student) one
+        in 'embedded' mode, 1 under 'cfg' (the value of the stock pipelines' guidance_scale=1 call)."""
+        return params.guidance_scale if self.guidance_mode == "embedded" else 1.0
 
     # ------------------------------------------------------------------ what it generates
     def with_decoder(self, class_name: str, source: str) -> "ModelSpec":
@@ -332,25 +342,27 @@ def _migrate_v0(d: dict, where: str) -> dict:
 
 def model_spec(backbone, kind: str, default_steps: int, guidance_scale: float,
                grids: dict[int, list] | None = None, step_conditioned: bool = False, negative_prompt: str = "",
-               teacher: TeacherRef | None = None) -> ModelSpec:
+               teacher: TeacherRef | None = None, guidance_mode: str = "cfg") -> ModelSpec:
     """A ModelSpec for `backbone` (a tdm.backbones.Backbone): its family, schedule, output size and decoder."""
     return ModelSpec(kind=kind, family=backbone.family, schedule=ScheduleSpec.of(backbone.schedule),
                      default_steps=default_steps, grids={k: list(g) for k, g in (grids or {}).items()},
                      step_conditioned=step_conditioned, guidance_scale=guidance_scale,
-                     negative_prompt=negative_prompt, image_size=backbone.image_size,
+                     guidance_mode=guidance_mode, negative_prompt=negative_prompt, image_size=backbone.image_size,
                      frames=backbone.frames, fps=backbone.fps, decoder=backbone.decoder_spec(), teacher=teacher)
 
 
-def teacher_spec(backbone, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str = "") -> ModelSpec:
-    """Spec of a teacher: multi-step DDIM with CFG, both overridable per call."""
-    return model_spec(backbone, "teacher", num_steps, guidance_scale, negative_prompt=negative_prompt)
+def teacher_spec(backbone, num_steps: int = 50, guidance_scale: float = 1.0, negative_prompt: str = "",
+                 guidance_mode: str = "cfg") -> ModelSpec:
+    """Spec of a teacher: multi-step DDIM with guidance (CFG or embedded), both overridable per call."""
+    return model_spec(backbone, "teacher", num_steps, guidance_scale, negative_prompt=negative_prompt,
+                      guidance_mode=guidance_mode)
 
 
 def student_spec(cfg: TDMConfig, grids: dict[int, list], backbone, teacher: TeacherRef) -> ModelSpec:
     """The spec of a student of `backbone` distilled with `cfg` on `grids` from `teacher`."""
     return model_spec(backbone, "student", cfg.student.num_steps, cfg.loss.guidance_scale, grids=grids,
                       step_conditioned=cfg.student.unify, negative_prompt=cfg.teacher.negative_prompt,
-                      teacher=teacher)
+                      teacher=teacher, guidance_mode=cfg.loss.teacher_guidance)
 
 
 class WorkerSpec(_Frozen):

@@ -146,6 +146,37 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     return path / "pipe"
 
 
+def record_image_size(pipe_dir: Path, size: tuple[int, int]) -> Path:
+    """Record the resolution of a family whose network has no sample size (FLUX.1, Qwen-Image, Z-Image) in
+    the pipeline's model_index.json (`tdm_image_size`, read by tdm.backbones.stock.recorded_image_size)."""
+    index = pipe_dir / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "tdm_image_size": list(size)}, indent=2))
+    return pipe_dir
+
+
+def build_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny FLUX.1-shaped pipeline (16x16 images): one double- and one single-stream block, CLIP (pooled) +
+    T5, 2x2-packed latents, dynamic shifting; `guidance_embeds` True is FLUX.1-dev's guidance-distilled
+    network, False schnell's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler,
+                        vae=_tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
+                        text_encoder=_tiny_clip(tok, False), tokenizer=tok, text_encoder_2=_tiny_t5(tok),
+                        tokenizer_2=tok)
+    pipe.save_pretrained(path / "pipe")
+    return record_image_size(path / "pipe", (16, 16))
+
+
 def build_tiny_clip(path: str | Path, seed: int = 0, mean=(0.48145466, 0.4578275, 0.40821073),
                     std=(0.26862954, 0.26130258, 0.27577711)) -> Path:
     """A tiny random CLIP (text + vision, 32x32 images) with tokenizer and preprocessor config, for the

@@ -151,12 +151,30 @@ def make_role(cfg: TDMConfig, backbone, name: str):
     return role
 
 
+def check_teacher_guidance(cfg: TDMConfig, backbone) -> None:
+    """loss.teacher_guidance embedded needs a network that takes the scale (Backbone.embeds_guidance)."""
+    if cfg.loss.teacher_guidance == "embedded" and not backbone.embeds_guidance:
+        from .errors import ConfigError
+        raise ConfigError(f"loss.teacher_guidance: 'embedded' feeds the guidance scale to the network, and this "
+                          f"teacher ({backbone.pipeline_class}) takes none (a guidance-distilled one such as "
+                          f"FLUX.1-dev does); use 'cfg'")
+
+
+def guided_conditioning(cfg: TDMConfig, backbone, cond, uncond):
+    """(cond, uncond) carrying the scale a guidance-embedding network is fed: loss.guidance_scale under
+    loss.teacher_guidance embedded (all roles see it: the student learns to sample at it), else 1
+    (docs/method.md §9)."""
+    scale = cfg.loss.guidance_scale if cfg.loss.teacher_guidance == "embedded" else 1.0
+    return backbone.with_guidance(cond, scale), backbone.with_guidance(uncond, 1.0)
+
+
 def build_roles(cfg: TDMConfig, backbone, device: torch.device | None = None):
     """Teacher (frozen), student and fake score (full copies or LoRA adapters on the teacher), optimizers, EMA.
 
     The training strategy is set up here and only here: under train.strategy fsdp the roles are sharded
     (tdm.sharding.shard_role, shard_base) before their optimizers and EMA see their parameters; under ddp the caller
     wraps the full roles (DDP needs the process group's device placement, tdm.train.train_loop_per_worker)."""
+    check_teacher_guidance(cfg, backbone)
     kw = None
     if cfg.train.strategy == "fsdp":
         from .sharding import fsdp_kwargs, shard_base, shard_role
@@ -302,6 +320,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     prompts = ws.prompts
     cond_all = encode_prompt_set(backbone, prompts, ws.teacher, cfg.data.embedding_cache)
     uncond_one = backbone.encode_prompts([cfg.teacher.negative_prompt])
+    cond_all, uncond_one = guided_conditioning(cfg, backbone, cond_all, uncond_one)
     torch.manual_seed(cfg.train.seed)
     sharded = cfg.train.strategy == "fsdp"
     teacher, state = build_roles(cfg, backbone, device)

@@ -99,3 +99,6 @@ def test_every_preset_is_a_valid_config_with_its_sources(name):
     assert set(PRESETS[name]) - {"eval", "registry"} <= sourced, (set(PRESETS[name]), sourced)
     if name == "wan2.1-t2v-14b-tdm":
         assert (cfg.train.strategy, cfg.train.num_workers) == ("fsdp", 8)
+        assert preset("wan21-14b-tdm") == PRESETS[name]                  # the issue tracker's name
+    if name == "flux1-dev-tdm":   # guidance-distilled: one teacher pass with the scale embedded
+        assert (cfg.loss.teacher_guidance, cfg.loss.guidance_scale) == ("embedded", 3.5)

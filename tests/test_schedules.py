@@ -102,3 +102,28 @@ def test_schedule_from_diffusers_config():
     assert f.alpha_sigma(torch.tensor([500.0]))[1].item() == pytest.approx(0.75)
     with pytest.raises(ValueError, match="prediction_type"):
         NoiseSchedule.from_scheduler_config({"prediction_type": "sample"})
+
+
+def test_dynamic_flow_shift_is_the_schedulers_resolution_shift():
+    """FLUX.1 at 1024px: 4096 tokens, mu = max_shift = 1.15, s = e^1.15; at 256 tokens mu = 0.5 (eq. 1.3b);
+    and the stock scheduler's shifted sigmas are flow_sigma's at that s."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tdm.schedules import dynamic_flow_shift, flow_sigma
+
+    assert dynamic_flow_shift(4096) == pytest.approx(math.exp(1.15))
+    assert dynamic_flow_shift(256) == pytest.approx(math.exp(0.5))
+    assert dynamic_flow_shift(2176) == pytest.approx(math.exp(0.825))           # halfway
+    assert dynamic_flow_shift(2176, time_shift_type="linear") == pytest.approx(0.825)
+    with pytest.raises(ValueError, match="time_shift_type"):
+        dynamic_flow_shift(16, time_shift_type="cubic")
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    mu = 0.5 + 0.65 * (1024 - 256) / 3840
+    sched.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=mu)
+    schedule = NoiseSchedule.from_scheduler_config(dict(sched.config, _class_name="FlowMatchEulerDiscreteScheduler"),
+                                                   seq_len=1024)
+    ours = flow_sigma(torch.tensor([1000.0, 750.0, 500.0, 250.0]), 1000, schedule.shift)
+    assert torch.allclose(ours, sched.sigmas[:4].float(), atol=1e-6)
+    # without a token count, the config's fixed shift
+    assert NoiseSchedule.from_scheduler_config(dict(sched.config, _class_name="FlowMatchEulerDiscreteScheduler")
+                                               ).shift == 1.0

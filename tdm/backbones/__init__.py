@@ -10,11 +10,13 @@ from ..errors import InputError
 from .base import Backbone, Cond, Denoiser, StepEmbedding, cond_cat, cond_index, predict_x0_eps
 from .cogvideox import CogVideoXBackbone
 from .decoders import DECODER_CLASSES, load_decoder
+from .flux import FluxBackbone
 from .stock import PixArtBackbone, SD3Backbone, SDXLBackbone
 from .unet import UNetBackbone
 from .video import VideoBackbone, VideoShape
 from .wan import TOY_PIPELINE_CLASS as TOY_VIDEO_PIPELINE_CLASS
 from .wan import WanBackbone
+from .zimage import ZImageBackbone
 
 #: pipeline class name -> adapter. A new family registers its pipeline classes here.
 ADAPTERS: dict[str, type[Backbone]] = {
@@ -24,9 +26,11 @@ ADAPTERS: dict[str, type[Backbone]] = {
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
     "StableDiffusion3Pipeline": SD3Backbone,
+    "FluxPipeline": FluxBackbone,
     "WanPipeline": WanBackbone,
     TOY_VIDEO_PIPELINE_CLASS: WanBackbone,
     "CogVideoXPipeline": CogVideoXBackbone,
+    "ZImagePipeline": ZImageBackbone,
 }
 
 
@@ -61,7 +65,7 @@ def adapter_for(model_index: dict) -> type[Backbone]:
     return ADAPTERS[cls_name]
 
 
-__all__ = ["ADAPTERS", "Backbone", "CogVideoXBackbone", "Cond", "DECODER_CLASSES", "Denoiser", "PixArtBackbone",
-           "SD3Backbone", "SDXLBackbone", "StepEmbedding", "TOY_VIDEO_PIPELINE_CLASS", "UNetBackbone",
+__all__ = ["ADAPTERS", "Backbone", "CogVideoXBackbone", "Cond", "DECODER_CLASSES", "Denoiser", "FluxBackbone",
+           "PixArtBackbone", "SD3Backbone", "SDXLBackbone", "StepEmbedding", "TOY_VIDEO_PIPELINE_CLASS", "UNetBackbone",
            "VideoBackbone", "VideoShape", "WanBackbone", "adapter_for", "cond_cat", "cond_index", "load_backbone",
            "load_decoder", "predict_x0_eps", "read_model_index"]

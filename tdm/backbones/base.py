@@ -311,6 +311,23 @@ class Backbone(ABC):
         """Extra keyword arguments the stock pipeline's __call__ needs to compute what the adapter computes."""
         return {}
 
+    def stock_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """The `latents=` argument of the stock pipeline's __call__ that starts from `noise` (B, *latent_shape):
+        the noise itself, or the family's packed layout (FLUX.1, Qwen-Image pack 2x2 latent patches)."""
+        return noise
+
+    #: whether the network embeds a guidance scale (a guidance-distilled teacher, e.g. FLUX.1-dev: one pass,
+    #: no unconditional branch; loss.teacher_guidance "embedded")
+    embeds_guidance: bool = False
+
+    def with_guidance(self, cond: Cond, scale: float) -> Cond:
+        """`cond` carrying the scale the network embeds, as a (B,) float32 tensor "guidance" (docs/method.md
+        §9); `cond` unchanged for a network that embeds none."""
+        if not self.embeds_guidance:
+            return cond
+        first = next(iter(cond.values()))
+        return {**cond, "guidance": torch.full((first.shape[0],), float(scale), device=first.device)}
+
     def save_lora(self, path: str | Path, network: Model, adapter: str) -> bool:
         """Write `adapter` of `network` as diffusers LoRA weights (`pipe.load_lora_weights(path)`).
         Returns False when the family's diffusers pipeline has no LoRA loader (e.g. PixArt-alpha)."""

@@ -87,6 +87,32 @@ class StockPipelineBackbone(Backbone):
         type(self.pipe)(**comps, **extra).save_pretrained(str(path))
 
 
+def recorded_image_size(path: str | Path, model_index: dict) -> tuple[int, int] | None:
+    """(height, width) a model directory records for a family whose network has no sample size (FLUX.1,
+    Qwen-Image, Z-Image): its tdm_model.json `image_size` (an export), else model_index.json `tdm_image_size`
+    (a tiny test pipeline); None for a stock hub pipeline (the family's release size applies)."""
+    from ..spec import SPEC_FILE, ModelSpec
+
+    if (Path(path) / SPEC_FILE).is_file():
+        size = ModelSpec.load(path).image_size
+        if size:
+            return (int(size[0]), int(size[1]))
+    size = model_index.get("tdm_image_size")
+    return (int(size[0]), int(size[1])) if size else None
+
+
+def patch_pack(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens of 2x2 patches, in FluxPipeline._pack_latents' order."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def patch_unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of patch_pack: (B, H/2 * W/2, 4C) -> (B, C, H, W)."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
 class SDXLBackbone(StockPipelineBackbone):
     """Stable Diffusion XL: two CLIP encoders, pooled embedding and (size, crop, target) time ids."""
 
