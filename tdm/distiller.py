@@ -17,11 +17,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .backbones.base import Cond, cond_cat, predict_x0_eps, trainable_parameters
+from .backbones.base import Cond, guided_x0_eps, predict_x0_eps, trainable_parameters
 from .config import LossConfig, OptimConfig, StudentConfig
 from .losses import (
     check_grid_margins,
-    classifier_free_guidance,
     fake_score_loss,
     generator_loss,
     generator_normaliser,
@@ -123,13 +122,15 @@ class TDMDistiller:
                  schedule: NoiseSchedule, latent_shape: Sequence[int], teacher: nn.Module, student: nn.Module,
                  fake: nn.Module, opt_student, opt_fake, sched_student=None, sched_fake=None, ema: EMA | None = None,
                  mixed_precision: str = "no", device_type: str = "cpu", grad_sync=None,
-                 grid_rule: GridRule = "uniform"):
+                 grid_rule: GridRule = "uniform", guide=None):
         self.student_cfg, self.loss_cfg, self.optim_cfg = student_cfg, loss_cfg, optim_cfg
         self.schedule, self.latent_shape = schedule, tuple(latent_shape)
         self.teacher, self.student, self.fake = teacher, student, fake
         self.opt_student, self.opt_fake = opt_student, opt_fake
         self.sched_student, self.sched_fake = sched_student, sched_fake
         self.ema = ema
+        # how the teacher's two CFG branches combine (Backbone.guide; None: linear CFG)
+        self.guide = guide
         # data-parallel gradient averaging for roles that are not DDP-wrapped (LoRA roles share one base,
         # which DDP cannot wrap twice): called with a role's parameters before its optimizer step
         self.grad_sync = grad_sync
@@ -266,10 +267,8 @@ class TDMDistiller:
             if self.loss_cfg.teacher_guidance == "embedded":   # the scale is in `cond` (Backbone.with_guidance)
                 x0_real, _ = predict_x0_eps(self.teacher, self.schedule, x_tau, lv.tau, cond)
             else:
-                x0_t, _ = predict_x0_eps(self.teacher, self.schedule, torch.cat([x_tau, x_tau]),
-                                         torch.cat([lv.tau, lv.tau]), cond_cat(cond, uncond))
-                x0_cond, x0_uncond = x0_t.chunk(2)
-                x0_real = classifier_free_guidance(x0_cond, x0_uncond, self.loss_cfg.guidance_scale)
+                x0_real, _ = guided_x0_eps(self.teacher, self.schedule, x_tau, lv.tau, cond, uncond,
+                                           self.loss_cfg.guidance_scale, self.guide)
             x0_fake, _ = predict_x0_eps(self.fake, self.schedule, x_tau, lv.tau, cond, steps)
         target = tdm_target(x0.detach(), x0_real, x0_fake)
         norm = generator_normaliser(x0, x0_real) if self.loss_cfg.normalize else None

@@ -14,9 +14,8 @@ from typing import Sequence
 import torch
 
 from .backbones import Backbone, load_backbone, predict_x0_eps
-from .backbones.base import cond_cat
+from .backbones.base import guided_x0_eps
 from .errors import InputError
-from .losses import classifier_free_guidance
 from .sampler import sample, seeded_noise
 from .spec import SPEC_FILE, STEP_EMBEDDING_FILE, GenerationParams, ModelSpec, ScheduleSpec
 
@@ -71,13 +70,10 @@ class TDMPipeline:
         else:
             uncond = self.backbone.with_guidance(
                 self.backbone.encode_prompts([self.spec.negative_prompt] * len(prompts)), 1.0)
-            both = cond_cat(cond, uncond)
             g = params.guidance_scale
 
-            def predict(x, t):  # teacher CFG: cond and uncond in one batched call
-                x0, eps = predict_x0_eps(self.denoiser, schedule, torch.cat([x, x]), torch.cat([t, t]), both)
-                (x0c, x0u), (ec, eu) = x0.chunk(2), eps.chunk(2)
-                return classifier_free_guidance(x0c, x0u, g), classifier_free_guidance(ec, eu, g)
+            def predict(x, t):  # teacher CFG: cond and uncond in one batched call, guided as the family guides
+                return guided_x0_eps(self.denoiser, schedule, x, t, cond, uncond, g, self.backbone.guide)
         return sample(predict, noise, list(params.timesteps), schedule)
 
     @torch.no_grad()

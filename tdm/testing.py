@@ -177,6 +177,101 @@ def build_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = Tru
     return record_image_size(path / "pipe", (16, 16))
 
 
+#: a Qwen-style chat template (what ZImagePipeline._encode_prompt applies to each prompt)
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+#: the words of QwenImagePipeline's prompt template, so the tiny tokenizer splits its prefix into the 34
+#: tokens the pipeline drops (prompt_template_encode_start_idx), as Qwen2.5-VL's tokenizer does
+_QWEN_TEMPLATE_TEXT = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                       "relationships of the objects and background:\nsystem\nuser\nassistant\n a an the cat dog red")
+
+
+def qwen_tokenizer():
+    """A Qwen2Tokenizer (byte-level BPE with Qwen's pre-tokenizer) trained offline on Qwen-Image's prompt
+    template words, with Qwen's chat special tokens and a chat template (Z-Image applies it)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])._tokenizer.pre_tokenizer
+    bpe.train_from_iterator([_QWEN_TEMPLATE_TEXT] * 10, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                       for m in model["merges"]], chat_template=QWEN_CHAT_TEMPLATE)
+    tok.add_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    return tok
+
+
+def build_tiny_qwenimage(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen-Image-shaped pipeline (QwenImageTransformer2DModel, AutoencoderKLQwenImage with x4 latents
+    and non-trivial latents_mean/std, Qwen2.5-VL with a vision tower, the hub scheduler config: dynamic
+    shift and shift_terminal 0.02), for 32x48 images: (4, 8, 12) latents, 24 image tokens."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer()
+    z = 4
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * z, out_channels=z, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.05],
+                                 latents_std=[1.5, 0.8, 1.2, 2.0])
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tok), "max_position_embeddings": 1024,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        vocab_size=len(tok))
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                             transformer=transformer)
+    pipe.save_pretrained(path / "pipe")
+    return record_image_size(path / "pipe", (32, 48))
+
+
+def build_tiny_zimage(path: str | Path, seed: int = 0, dynamic_shift: bool = False) -> Path:
+    """A tiny Z-Image-shaped pipeline (32x32 images, (4, 16, 16) latents): ZImageTransformer2DModel with one
+    refiner and two main layers, a 2-layer Qwen3 text encoder with a chat-template tokenizer, a FLUX-style VAE
+    (scaling and shift factors) and Z-Image-Turbo's scheduler (constant shift 3; `dynamic_shift`: resolution-
+    dependent shift instead)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=8, max_position_embeddings=1024,
+                                          pad_token_id=tok.pad_token_id))
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                           axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
+    vae = _tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
+                                                use_dynamic_shifting=dynamic_shift)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                          transformer=transformer)
+    pipe.save_pretrained(path / "pipe")
+    return record_image_size(path / "pipe", (32, 32))
+
+
 def build_tiny_clip(path: str | Path, seed: int = 0, mean=(0.48145466, 0.4578275, 0.40821073),
                     std=(0.26862954, 0.26130258, 0.27577711)) -> Path:
     """A tiny random CLIP (text + vision, 32x32 images) with tokenizer and preprocessor config, for the

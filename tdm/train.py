@@ -352,7 +352,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     distiller = TDMDistiller(cfg.student, cfg.loss, cfg.optim, backbone.schedule, backbone.latent_shape, teacher,
                              student, fake, state.opt_student, state.opt_fake, state.sched_student,
                              state.sched_fake, state.ema, cfg.train.mixed_precision, device.type, grad_sync,
-                             grid_rule=backbone.grid_rule)
+                             grid_rule=backbone.grid_rule, guide=backbone.guide)
     distiller.load_scaler_state(saved.get("scalers") if saved else None)
     spec = student_spec(cfg, distiller.grids, backbone, ws.teacher)
     logger = RankZeroLogger(ws, backbone, state.student, spec) if rank == 0 else None

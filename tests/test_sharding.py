@@ -21,14 +21,15 @@ from tdm.sharding import SHARD_DIR, flatten, join_state, shard_units, split_stat
 STEPS = 3
 
 
-def _config(finetune: str, strategy: str, **train):
+def _config(finetune: str, strategy: str, targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
+            extra: dict | None = None, **train):
     from tdm.config import load_config
 
     student = {"num_steps": 2, "step_set": [1, 2], "finetune": finetune}
     if finetune == "lora":
-        student.update(lora_rank=4, lora_targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+        student.update(lora_rank=4, lora_targets=list(targets))
     return load_config({"train": {"ema_decay": 0.9, "strategy": strategy, **train}, "student": student,
-                        "optim": {"grad_clip": 1.0, "eps": 1e-3}})
+                        "optim": {"grad_clip": 1.0, "eps": 1e-3}, **(extra or {})})
 
 
 def _free_port() -> int:
@@ -45,10 +46,10 @@ def _run(cfg, toy_dir, steps, start_dir=None, save_dir=None):
     from tdm.backbones import load_backbone
     from tdm.distiller import TDMDistiller
     from tdm.statefile import save_state
-    from tdm.train import build_roles, load_state_file
+    from tdm.train import build_roles, guided_conditioning, load_state_file
 
     torch.manual_seed(0)
-    b = load_backbone(toy_dir)
+    b = load_backbone(toy_dir, video=cfg.video.overrides())
     teacher, st = build_roles(cfg, b)
     start = 0
     if start_dir is not None:
@@ -56,7 +57,8 @@ def _run(cfg, toy_dir, steps, start_dir=None, save_dir=None):
         start = st.load_sharded(start_dir, saved) if cfg.train.strategy == "fsdp" else st.load_state_dict(saved)
     d = TDMDistiller(cfg.student, cfg.loss, cfg.optim, b.schedule, b.latent_shape, teacher, st.student, st.fake,
                      st.opt_student, st.opt_fake, st.sched_student, st.sched_fake, st.ema)
-    cond, uncond = b.encode_prompts(["a handwritten digit 1", "a handwritten digit 7"]), b.encode_prompts([""] * 2)
+    cond, uncond = guided_conditioning(cfg, b, b.encode_prompts(["a handwritten digit 1", "a handwritten digit 7"]),
+                                       b.encode_prompts([""] * 2))
     curve, emas, initial = [], [], _full_weights(st.student)
     micro = [(cond, uncond)] * cfg.train.grad_accum_steps
     for i in range(start, start + steps):
@@ -209,5 +211,26 @@ def test_fsdp_with_selective_checkpointing_and_accumulation(tiny_toy_dir, tmp_pa
     options = {"gradient_checkpointing": True, "gradient_checkpointing_every": 2, "grad_accum_steps": 2}
     ref_curve, ref_w, _, initial = _run(_config("full", "ddp", **options), tiny_toy_dir, STEPS)
     curve, w, _, _ = _spawn(2, _config("full", "fsdp", **options), tiny_toy_dir, STEPS, tmp_path)
+    assert _close(curve, ref_curve), (curve, ref_curve)
+    assert _update_gap(w, ref_w, initial) < 1e-3
+
+
+@pytest.mark.parametrize("family,finetune", [("wan", "lora"), ("wan", "full"), ("flux", "lora")])
+def test_the_flow_families_train_sharded_as_one_process(family, finetune, tmp_path):
+    """Wan (the 14B preset's adapter, on a tiny video geometry) and FLUX.1-dev with its guidance embedded train
+    under FSDP on 2 gloo workers as one unsharded process does: same losses, same update (module docstring)."""
+    from tdm.testing import build_tiny_flux, build_tiny_wan
+
+    if family == "wan":
+        path = build_tiny_wan(tmp_path / "wan")
+        extra = {"video": {"frames": 5, "height": 32, "width": 32, "fps": 8.0}}
+    else:
+        path = build_tiny_flux(tmp_path / "flux")
+        extra = {"loss": {"teacher_guidance": "embedded", "guidance_scale": 3.5}}
+    extra.update(teacher={"uri": str(path)}, eval={"enabled": False})
+    cfg = _config(finetune, "fsdp", targets=("to_q", "to_k", "to_v", "to_out.0"), extra=extra)
+    ref_curve, ref_w, _, initial = _run(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"strategy": "ddp"})}), path, STEPS)
+    curve, w, _, _ = _spawn(2, cfg, path, STEPS, tmp_path)
     assert _close(curve, ref_curve), (curve, ref_curve)
     assert _update_gap(w, ref_w, initial) < 1e-3

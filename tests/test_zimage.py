@@ -1,76 +1,19 @@
 """Z-Image (ZImagePipeline): tdm's teacher and exported students sample as stock diffusers does."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-# ---------------------------------------------------------------------------------------------------------------
-# tiny builder (to move to tdm/testing.py)
-
-
-#: a Qwen-style chat template (what ZImagePipeline._encode_prompt applies to each prompt)
-QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def qwen_tokenizer():
-    """A Qwen2Tokenizer (byte-level BPE with no merges: one token per byte) with Qwen's chat tokens and a chat
-    template, built offline."""
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab[special] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=QWEN_CHAT_TEMPLATE)
-    tok.add_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
-    return tok
-
-
-def build_tiny_zimage(path: str | Path, seed: int = 0, dynamic_shift: bool = False) -> Path:
-    """A tiny Z-Image-shaped pipeline (32x32 images, (4, 16, 16) latents): ZImageTransformer2DModel with one
-    refiner and two main layers, a 2-layer Qwen3 text encoder with a chat-template tokenizer, a FLUX-style VAE
-    (scaling and shift factors) and Z-Image-Turbo's scheduler (constant shift 3; `dynamic_shift`: resolution-
-    dependent shift instead)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    path = Path(path)
-    torch.manual_seed(seed)
-    tok = qwen_tokenizer()
-    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          head_dim=8, max_position_embeddings=1024,
-                                          pad_token_id=tok.pad_token_id))
-    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
-                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
-                                           axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
-    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=16, sample_size=16, shift_factor=0.1159, scaling_factor=0.3611)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
-                                                use_dynamic_shifting=dynamic_shift)
-    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
-                          transformer=transformer)
-    pipe.save_pretrained(path / "pipe")
-    index = path / "pipe" / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "tdm_image_size": [32, 32]}, indent=2))
-    return path / "pipe"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-from tdm.backbones import cond_cat, cond_index, load_backbone  # noqa: E402
-from tdm.backbones.zimage import ZImageBackbone  # noqa: E402
-from tdm.config import load_config  # noqa: E402
-from tdm.distiller import TDMDistiller  # noqa: E402
-from tdm.export import LORA_DIR  # noqa: E402
-from tdm.generation import TDMPipeline  # noqa: E402
-from tdm.sampler import seeded_noise  # noqa: E402
-from tdm.spec import TeacherRef, student_spec, teacher_spec  # noqa: E402
-from tdm.train import build_roles  # noqa: E402
+from tdm.backbones import cond_cat, cond_index, load_backbone
+from tdm.backbones.zimage import ZImageBackbone
+from tdm.config import load_config
+from tdm.distiller import TDMDistiller
+from tdm.export import LORA_DIR
+from tdm.generation import TDMPipeline
+from tdm.sampler import seeded_noise
+from tdm.spec import TeacherRef, student_spec, teacher_spec
+from tdm.testing import build_tiny_zimage
+from tdm.train import build_roles
 
 #: ZImagePipeline rewrites the prompt list it is given in place (chat template applied): pass it a copy
 PROMPTS, SEEDS = ["a cat", "a red dog on a hill"], [3, 4]

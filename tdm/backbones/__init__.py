@@ -11,6 +11,7 @@ from .base import Backbone, Cond, Denoiser, StepEmbedding, cond_cat, cond_index,
 from .cogvideox import CogVideoXBackbone
 from .decoders import DECODER_CLASSES, load_decoder
 from .flux import FluxBackbone
+from .qwenimage import QwenImageBackbone
 from .stock import PixArtBackbone, SD3Backbone, SDXLBackbone
 from .unet import UNetBackbone
 from .video import VideoBackbone, VideoShape
@@ -30,6 +31,7 @@ ADAPTERS: dict[str, type[Backbone]] = {
     "WanPipeline": WanBackbone,
     TOY_VIDEO_PIPELINE_CLASS: WanBackbone,
     "CogVideoXPipeline": CogVideoXBackbone,
+    "QwenImagePipeline": QwenImageBackbone,
     "ZImagePipeline": ZImageBackbone,
 }
 
@@ -66,6 +68,7 @@ def adapter_for(model_index: dict) -> type[Backbone]:
 
 
 __all__ = ["ADAPTERS", "Backbone", "CogVideoXBackbone", "Cond", "DECODER_CLASSES", "Denoiser", "FluxBackbone",
-           "PixArtBackbone", "SD3Backbone", "SDXLBackbone", "StepEmbedding", "TOY_VIDEO_PIPELINE_CLASS", "UNetBackbone",
-           "VideoBackbone", "VideoShape", "WanBackbone", "adapter_for", "cond_cat", "cond_index", "load_backbone",
-           "load_decoder", "predict_x0_eps", "read_model_index"]
+           "PixArtBackbone", "QwenImageBackbone", "SD3Backbone", "SDXLBackbone", "StepEmbedding",
+           "TOY_VIDEO_PIPELINE_CLASS", "UNetBackbone", "VideoBackbone", "VideoShape", "WanBackbone", "ZImageBackbone",
+           "adapter_for", "cond_cat", "cond_index", "load_backbone", "load_decoder", "predict_x0_eps",
+           "read_model_index"]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, first_line
+from ..losses import classifier_free_guidance
 from ..schedules import NoiseSchedule, to_x0_eps
 
 #: Text conditioning of a batch: named tensors with the batch first (e.g. encoder_hidden_states).
@@ -181,6 +182,18 @@ def predict_x0_eps(denoiser: nn.Module, schedule: NoiseSchedule, x: torch.Tensor
     return to_x0_eps(out.float(), x.float(), a, s, schedule.prediction_type)
 
 
+def guided_x0_eps(denoiser: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor, cond: Cond,
+                  uncond: Cond, scale: float, guide=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) of a guided prediction at x_t (docs/method.md §9): both branches in one batched call, guided
+    on the raw network output as the stock pipelines guide, by `guide(out_cond, out_uncond, scale)`
+    (default: linear CFG; a family's Backbone.guide), computed in float32."""
+    out = denoiser(torch.cat([x, x]), torch.cat([t, t]), cond_cat(cond, uncond)).float()
+    out_cond, out_uncond = out.chunk(2)
+    guided = (guide or classifier_free_guidance)(out_cond, out_uncond, scale)
+    a, s = schedule.alpha_sigma(t)
+    return to_x0_eps(guided, x.float(), a, s, schedule.prediction_type)
+
+
 def stock_call_parameters(pipeline_class: str) -> set[str] | None:
     """The keyword arguments of a diffusers pipeline class's __call__; None for a tdm-only class (the toys)."""
     import inspect
@@ -310,6 +323,11 @@ class Backbone(ABC):
     def stock_call_kwargs(self) -> dict:
         """Extra keyword arguments the stock pipeline's __call__ needs to compute what the adapter computes."""
         return {}
+
+    def guide(self, out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """The guided raw network output of the two CFG branches (B, *latent_shape): diffusers' linear CFG
+        (docs/method.md §9); a family whose stock pipeline guides otherwise (Qwen-Image) overrides it."""
+        return classifier_free_guidance(out_cond, out_uncond, scale)
 
     def stock_latents(self, noise: torch.Tensor) -> torch.Tensor:
         """The `latents=` argument of the stock pipeline's __call__ that starts from `noise` (B, *latent_shape):
