@@ -14,20 +14,16 @@ What sets it apart from SD3 (tdm.backbones.stock.SD3Backbone):
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..schedules import NoiseSchedule, flow_sigma
+from ..schedules import flow_sigma
 from .base import Cond, Model
-from .stock import DiTBackbone, patch_pack, patch_unpack, recorded_image_size
-
-#: the released models' resolution (FluxPipeline's default_sample_size 128 latents x VAE factor 8)
-RELEASE_SIZE = (1024, 1024)
+from .stock import PatchedImageBackbone, patch_pack, patch_unpack
 
 
-class FluxBackbone(DiTBackbone):
+class FluxBackbone(PatchedImageBackbone):
     """FLUX.1-dev / schnell through a stock FluxPipeline object."""
 
     family = "flux"
@@ -39,35 +35,15 @@ class FluxBackbone(DiTBackbone):
     #: T5 tokens per prompt: FluxPipeline's default (schnell's model card uses 256)
     max_sequence_length = 512
 
+    #: the pipeline packs 2x2 latent patches into the network's input channels
+    packed_channels = 4
+
     def __init__(self, pipe, image_size: tuple[int, int] | None = None):
-        super().__init__(pipe)
-        self.vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        h, w = image_size or RELEASE_SIZE
-        if h % (2 * self.vae_factor) or w % (2 * self.vae_factor) or h <= 0 or w <= 0:
-            from ..errors import InputError
-            raise InputError(f"image_size: FLUX.1 needs height and width that are positive multiples of "
-                             f"{2 * self.vae_factor} (VAE x{self.vae_factor}, 2x2 patches), got {h}x{w}")
-        self.latent_shape = (self.network.config.in_channels // 4, h // self.vae_factor, w // self.vae_factor)
-        tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
-        self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config, seq_len=tokens)
-        # FLUX.1-dev embeds the guidance scale; schnell (timestep-distilled) takes none
-        self.embeds_guidance = bool(self.network.config.guidance_embeds)
+        # embeds_guidance: FLUX.1-dev yes; schnell (timestep-distilled) takes no scale
+        super().__init__(pipe, image_size)
         t5 = getattr(pipe, "tokenizer_2", None)
         if t5 is not None:
             self.max_sequence_length = min(self.max_sequence_length, int(t5.model_max_length))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32):
-        from diffusers import FluxPipeline
-
-        # safetensors only: a pickled .bin in a model directory is refused, never unpickled
-        pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
-        return cls(pipe, recorded_image_size(path, model_index)).to(device)
-
-    @property
-    def stock_call_kwargs(self) -> dict:
-        h, w = self.image_size
-        return {"height": h, "width": w, "max_sequence_length": self.max_sequence_length}
 
     def prompt_tokenizer(self):
         """T5 reads max_sequence_length tokens (CLIP only its 77, for the pooled embedding)."""

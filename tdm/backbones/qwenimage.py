@@ -19,21 +19,17 @@ Qwen2.5-VL text encoder, rectified flow with resolution-dependent ("dynamic") sh
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..errors import InputError
-from ..schedules import NoiseSchedule, flow_sigma
+from ..schedules import flow_sigma
 from .base import Cond, Model
-from .stock import DiTBackbone, patch_pack, patch_unpack, recorded_image_size
-
-#: Qwen-Image's release resolution (the stock pipeline's default height and width)
-RELEASE_SIZE = (1024, 1024)
+from .stock import PatchedImageBackbone, patch_pack, patch_unpack
 
 
-class QwenImageBackbone(DiTBackbone):
+class QwenImageBackbone(PatchedImageBackbone):
     family = "qwenimage"
     time_embedding_name = "time_text_embed"   # QwenTimestepProjEmbeddings: (B, inner_dim)
     #: diffusers' train_dreambooth_lora_qwen_image.py default
@@ -41,35 +37,13 @@ class QwenImageBackbone(DiTBackbone):
     #: text tokens per prompt (QwenImagePipeline.__call__'s default max_sequence_length)
     max_sequence_length = 512
 
+    #: the pipeline packs 2x2 latent patches into the network's input channels
+    packed_channels = 4
+
     def __init__(self, pipe, image_size: tuple[int, int] | None = None):
-        super().__init__(pipe)
-        h, w = image_size or RELEASE_SIZE
-        f = pipe.vae_scale_factor
-        if h % (2 * f) or w % (2 * f) or h <= 0 or w <= 0:
-            raise InputError(f"image_size: Qwen-Image needs height and width that are positive multiples of {2 * f} "
-                             f"(VAE x{f}, 2x2 patches), got {h}x{w}")
-        self.latent_shape = (self.network.config.in_channels // 4, h // f, w // f)
+        # the schedule's shift: from the packed image tokens, the stock pipeline's image_seq_len (same mu)
+        super().__init__(pipe, image_size)
         self.scheduler_config = {k: v for k, v in self.scheduler_config.items() if k != "shift_terminal"}
-        # seq_len = packed image tokens, the stock pipeline's image_seq_len: the same mu, hence the same shift
-        self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config, seq_len=self.image_tokens)
-        self.embeds_guidance = bool(self.network.config.guidance_embeds)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32):
-        from diffusers import QwenImagePipeline
-
-        pipe = QwenImagePipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
-        return cls(pipe, recorded_image_size(path, model_index)).to(device)
-
-    @property
-    def image_tokens(self) -> int:
-        _, h, w = self.latent_shape
-        return (h // 2) * (w // 2)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        f = self.pipe.vae_scale_factor
-        return self.latent_shape[1] * f, self.latent_shape[2] * f
 
     def guide(self, out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float) -> torch.Tensor:
         """QwenImagePipeline's true CFG on velocities (B, C, H, W): the linear combination, rescaled to the
@@ -84,9 +58,8 @@ class QwenImageBackbone(DiTBackbone):
 
     @property
     def stock_call_kwargs(self) -> dict:
-        h, w = self.image_size
         # no negative prompt and true_cfg_scale 1: one conditional pass per step, as a student samples
-        return {"height": h, "width": w, "true_cfg_scale": 1.0, "max_sequence_length": self.max_sequence_length}
+        return {**super().stock_call_kwargs, "true_cfg_scale": 1.0}
 
     def stock_latents(self, noise: torch.Tensor) -> torch.Tensor:
         return patch_pack(noise)

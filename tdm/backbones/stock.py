@@ -113,6 +113,59 @@ def patch_unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
 
+class PatchedImageBackbone(StockPipelineBackbone):
+    """Image families whose network has no sample size and reads 2x2 latent patches (FLUX.1, Qwen-Image,
+    Z-Image). The resolution is the directory's record (recorded_image_size), else the release size; the
+    shift follows the resolution's image tokens (docs/method.md eq. 1.3b)."""
+
+    denoiser_name = "transformer"
+    release_size: tuple[int, int] = (1024, 1024)
+    #: latent channels per network input channel: 4 where the pipeline packs 2x2 patches into channels
+    packed_channels: int = 1
+    #: text tokens per prompt (the stock pipeline's default max_sequence_length)
+    max_sequence_length: int
+
+    def __init__(self, pipe, image_size: tuple[int, int] | None = None):
+        super().__init__(pipe)
+        f = pipe.vae_scale_factor
+        h, w = image_size or self.release_size
+        if h <= 0 or w <= 0 or h % (2 * f) or w % (2 * f):
+            from ..errors import InputError
+            raise InputError(f"image_size: {self.pipeline_class} needs a height and width that are positive "
+                             f"multiples of {2 * f} (VAE x{f}, 2x2 patches), got {h}x{w}")
+        c = self.network.config
+        self.latent_shape = (c.in_channels // self.packed_channels, h // f, w // f)
+        self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config, seq_len=self.image_tokens)
+        if isinstance(c.get("num_attention_heads"), int) and isinstance(c.get("attention_head_dim"), int):
+            self.time_embed_dim = c.num_attention_heads * c.attention_head_dim   # an MMDiT's (B, inner_dim)
+        # a guidance-distilled network (FLUX.1-dev) takes the scale as an input
+        self.embeds_guidance = bool(c.get("guidance_embeds", False))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32):
+        import diffusers
+
+        pipe_cls = getattr(diffusers, model_index["_class_name"])
+        # safetensors only: a pickled .bin in a model directory is refused, never unpickled
+        pipe = pipe_cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
+        return cls(pipe, recorded_image_size(path, model_index)).to(device)
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per sample: the latent's 2x2 patches."""
+        return (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        f = self.pipe.vae_scale_factor
+        return self.latent_shape[1] * f, self.latent_shape[2] * f
+
+    @property
+    def stock_call_kwargs(self) -> dict:
+        h, w = self.image_size
+        return {"height": h, "width": w, "max_sequence_length": self.max_sequence_length}
+
+
 class SDXLBackbone(StockPipelineBackbone):
     """Stable Diffusion XL: two CLIP encoders, pooled embedding and (size, crop, target) time ids."""
 

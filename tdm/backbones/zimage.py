@@ -18,24 +18,19 @@ What sets it apart from SD3 (tdm.backbones.stock.SD3Backbone):
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..schedules import NoiseSchedule, flow_sigma
+from ..schedules import flow_sigma
 from .base import Cond, Model
-from .stock import StockPipelineBackbone, recorded_image_size
-
-#: the released models' resolution (ZImagePipeline's default height and width)
-RELEASE_SIZE = (1024, 1024)
+from .stock import PatchedImageBackbone
 
 
-class ZImageBackbone(StockPipelineBackbone):
+class ZImageBackbone(PatchedImageBackbone):
     """Z-Image through a stock ZImagePipeline object."""
 
     family = "zimage"
-    denoiser_name = "transformer"
     #: TimestepEmbedder: (B,) levels -> (B, min(dim, 256)), the adaLN input of every modulated block
     time_embedding_name = "t_embedder"
     # attention (all blocks, refiners included) and the SwiGLU feed-forward
@@ -44,34 +39,16 @@ class ZImageBackbone(StockPipelineBackbone):
     max_sequence_length = 512
 
     def __init__(self, pipe, image_size: tuple[int, int] | None = None):
-        super().__init__(pipe)
-        self.time_embed_dim = self.network.t_embedder.mlp[-1].out_features
-        f = pipe.vae_scale_factor
-        h, w = image_size or RELEASE_SIZE
-        if h % (2 * f) or w % (2 * f) or h <= 0 or w <= 0:
-            from ..errors import InputError
-            raise InputError(f"image_size: Z-Image needs height and width that are positive multiples of {2 * f} "
-                             f"(VAE x{f}, 2x2 patches), got {h}x{w}")
-        self.latent_shape = (self.network.config.in_channels, h // f, w // f)
         # ZImagePipeline passes mu for its image token count; it shifts only where the scheduler config has
-        # use_dynamic_shifting (Z-Image-Turbo's has not: a constant shift), which from_scheduler_config follows
-        tokens = (h // f // 2) * (w // f // 2)
-        self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config, seq_len=tokens)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, model_index: dict, device="cpu", dtype=torch.float32):
-        from diffusers import ZImagePipeline
-
-        # safetensors only: a pickled .bin in a model directory is refused, never unpickled
-        pipe = ZImagePipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
-        return cls(pipe, recorded_image_size(path, model_index)).to(device)
+        # use_dynamic_shifting (Z-Image-Turbo's has not: a constant shift), which the schedule follows
+        super().__init__(pipe, image_size)
+        self.time_embed_dim = self.network.t_embedder.mlp[-1].out_features
 
     @property
     def stock_call_kwargs(self) -> dict:
-        h, w = self.image_size
         # guidance_scale 0 is ZImagePipeline's "no guidance" (its 1.0 would be tdm's 2.0): a student samples
         # with one pass
-        return {"height": h, "width": w, "guidance_scale": 0.0, "max_sequence_length": self.max_sequence_length}
+        return {**super().stock_call_kwargs, "guidance_scale": 0.0}
 
     def prompt_tokenizer(self):
         """Qwen3 reads max_sequence_length tokens, of which the chat template around the prompt takes some."""
