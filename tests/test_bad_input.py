@@ -149,6 +149,8 @@ def tiny_wan_dir(tmp_path_factory):
     (["--video.frames", "6"], "video.frames: must be 1 + a multiple of 4"),
     (["--video.height", "40"], "video.height: must be a positive multiple of 16"),
     (["--student.t_start", "900"], "student.t_start: this teacher's stock pipeline walks"),
+    (["--loss.teacher_guidance", "embedded"], "loss.teacher_guidance: 'embedded' feeds the guidance scale to the "
+                                              "network, and this teacher (WanPipeline) takes none"),
 ])
 def test_bad_video_geometry_fails_before_training(tmp_path, tiny_wan_dir, args, message):
     """Checked from the teacher's configs on the driver, before Ray starts."""
