@@ -154,9 +154,12 @@ def meta_network(location: str, model_index: dict) -> nn.Module:
 
 def config_tokens(net: nn.Module, frames: int | None = None) -> tuple[int, ...]:
     """A latent shape for the activation term from the network's config: (C, H, W) of its `sample_size`, or
-    (C, F, H, W) with `frames` latent frames (or the config's sample_frames) for a video network."""
+    (C, F, H, W) with `frames` latent frames (or the config's sample_frames) for a video network. A network
+    with no sample size (FLUX.1, Qwen-Image, Z-Image) is planned at 64x64 tokens, its 1024x1024 release size:
+    64 x patch latents per side, the tokens the network reads being patch x patch latents each."""
     c = net.config
-    size = c.get("sample_size") or c.get("sample_height") or 64
+    patch = c.get("patch_size")
+    size = c.get("sample_size") or c.get("sample_height") or 64 * (patch if isinstance(patch, int) else 1)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     if c.get("sample_width"):
         w = c["sample_width"]

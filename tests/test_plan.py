@@ -34,6 +34,24 @@ def test_network_stats_count_blocks_and_root_on_the_meta_device():
     assert (s.tokens, s.width) == (8 * 8 // 4, 6)
 
 
+def test_families_without_a_sample_size_are_planned_at_their_release_tokens():
+    """FLUX.1 (packed by its pipeline, patch 1), Qwen-Image (packed, patch 2 in its config) and Z-Image
+    (patchified inside, no patch_size key) all read 4096 tokens at 1024x1024; a UNet keeps its sample size."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, ZImageTransformer2DModel
+
+    from tdm.plan import config_tokens
+
+    with torch.device("meta"):
+        nets = [FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                       joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4)),
+                QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                            joint_attention_dim=16, axes_dims_rope=(8, 4, 4)),
+                ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                         n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                         axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])]
+    assert [NetworkStats.of(n, config_tokens(n)).tokens for n in nets] == [4096, 4096, 4096]
+
+
 def test_lora_parameters_by_hand():
     net = nn.Module()
     net.attn = nn.Module()
