@@ -169,6 +169,18 @@ class StudentConfig(Section):
         return {self.num_steps: list(self.timesteps)}
 
 
+def embedded_scale(teacher_guidance: str, guidance_scale: float) -> float:
+    """The scale fed to a guidance-embedding network (docs/method.md §9): guidance_scale under 'embedded', 1
+    under 'cfg' (the value of the stock pipelines' guidance_scale=1 call)."""
+    return guidance_scale if teacher_guidance == "embedded" else 1.0
+
+
+def embedded_guidance_refused(teacher: str) -> ConfigError:
+    """The refusal of loss.teacher_guidance embedded for a teacher network that takes no guidance scale."""
+    return ConfigError(f"loss.teacher_guidance: 'embedded' feeds the guidance scale to the network, and this "
+                       f"teacher ({teacher}) takes none (a guidance-distilled one such as FLUX.1-dev does); use 'cfg'")
+
+
 class LossConfig(Section):
     guidance_scale: float = Field(2.0, ge=1.0, description="CFG scale of the teacher in the TDM target, diffusers "
                                   "convention uncond + s*(cond - uncond), 1 = no guidance; baked into the student. "

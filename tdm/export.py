@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .backbones.base import stock_call_parameters
+from .config import embedded_scale
 from .sampler import uniform_grid
 from .schedules import flow_sigma
 from .spec import STEP_EMBEDDING_FILE, DiffusersUsage, ModelSpec
@@ -110,7 +111,7 @@ def diffusers_usage(backbone, spec: ModelSpec, scheduler: dict) -> DiffusersUsag
     steps = spec.default_steps
     grid = spec.grids.get(steps) or uniform_grid(steps, spec.max_timestep)
     # guidance_scale 1: no CFG; a guidance-embedding network (FLUX.1-dev) is fed its distilled scale
-    g = spec.guidance_scale if spec.guidance_mode == "embedded" else 1.0
+    g = embedded_scale(spec.guidance_mode, spec.guidance_scale)
     call: dict = {"num_inference_steps": steps, "guidance_scale": g, **backbone.stock_call_kwargs}
     accepts = stock_call_parameters(backbone.pipeline_class)  # None: a tdm-only class (the toys)
     note = None

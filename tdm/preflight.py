@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import SCHEME, TDMConfig
+from .config import SCHEME, TDMConfig, embedded_guidance_refused
 from .errors import ConfigError, first_line, redact
 from .spec import TeacherRef
 
@@ -153,9 +153,7 @@ def check_teacher_guidance(cfg: TDMConfig, teacher: TeacherRef | None, pipeline_
         return
     config = teacher_component_config(teacher, "transformer", tracking_uri) if teacher is not None else None
     if not (config or {}).get("guidance_embeds"):
-        raise ConfigError(f"loss.teacher_guidance: 'embedded' feeds the guidance scale to the network, and this "
-                          f"teacher ({pipeline_class or 'the toy'}) takes none (a guidance-distilled one such as "
-                          f"FLUX.1-dev does); use 'cfg'")
+        raise embedded_guidance_refused(pipeline_class or "the toy")
 
 
 def teacher_component_config(teacher: TeacherRef, sub: str, tracking_uri: str | None = None) -> dict | None:

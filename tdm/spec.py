@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from . import __version__
-from .config import TDMConfig, grid_problem
+from .config import TDMConfig, embedded_scale, grid_problem
 from .errors import InputError, ParamError, validation_message
 from .sampler import uniform_grid
 from .schedules import NoiseSchedule
@@ -235,7 +235,7 @@ class ModelSpec(_Frozen):
     def embedded_guidance(self, params: GenerationParams) -> float:
         """The scale fed to a guidance-embedding network: the requested (teacher) or distilled (student) one
         in 'embedded' mode, 1 under 'cfg' (the value of the stock pipelines' guidance_scale=1 call)."""
-        return params.guidance_scale if self.guidance_mode == "embedded" else 1.0
+        return embedded_scale(self.guidance_mode, params.guidance_scale)
 
     # ------------------------------------------------------------------ what it generates
     def with_decoder(self, class_name: str, source: str) -> "ModelSpec":

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .backbones import cond_index, load_backbone
-from .config import TDMConfig
+from .config import TDMConfig, embedded_guidance_refused, embedded_scale
 from .console import progress
 from .distiller import EMA, TDMDistiller, allreduce_mean
 from .errors import NonFiniteTrainingError, TeacherChangedError
@@ -154,17 +154,14 @@ def make_role(cfg: TDMConfig, backbone, name: str):
 def check_teacher_guidance(cfg: TDMConfig, backbone) -> None:
     """loss.teacher_guidance embedded needs a network that takes the scale (Backbone.embeds_guidance)."""
     if cfg.loss.teacher_guidance == "embedded" and not backbone.embeds_guidance:
-        from .errors import ConfigError
-        raise ConfigError(f"loss.teacher_guidance: 'embedded' feeds the guidance scale to the network, and this "
-                          f"teacher ({backbone.pipeline_class}) takes none (a guidance-distilled one such as "
-                          f"FLUX.1-dev does); use 'cfg'")
+        raise embedded_guidance_refused(backbone.pipeline_class)
 
 
 def guided_conditioning(cfg: TDMConfig, backbone, cond, uncond):
     """(cond, uncond) carrying the scale a guidance-embedding network is fed: loss.guidance_scale under
     loss.teacher_guidance embedded (all roles see it: the student learns to sample at it), else 1
     (docs/method.md §9)."""
-    scale = cfg.loss.guidance_scale if cfg.loss.teacher_guidance == "embedded" else 1.0
+    scale = embedded_scale(cfg.loss.teacher_guidance, cfg.loss.guidance_scale)
     return backbone.with_guidance(cond, scale), backbone.with_guidance(uncond, 1.0)
 
 
