@@ -39,6 +39,8 @@ def test_defaults_document_every_field():
     ({"loss": {"interval": "sideways"}}, "loss.interval"),
     ({"loss": {"guidance_scale": 0.5}}, "loss.guidance_scale"),
     ({"toy": {"channels": [12, 24]}}, "multiples of 8"),
+    ({"toy_video": {"patch": 3}}, "toy_video: patch must divide the toy's 16-pixel canvas"),
+    ({"toy_video": {"patch_frames": 2}}, "toy_video: patch_frames must divide the toy's 5 frames"),
     ({"train": {"strategy": "zero3"}}, "train.strategy"),
     ({"train": {"strategy": "fsdp", "use_gpu": True, "mixed_precision": "fp16"}}, "fp16 is not supported with "
      "train.strategy fsdp"),
@@ -102,3 +104,34 @@ def test_every_preset_is_a_valid_config_with_its_sources(name):
         assert preset("wan21-14b-tdm") == PRESETS[name]                  # the issue tracker's name
     if name == "flux1-dev-tdm":   # guidance-distilled: one teacher pass with the scale embedded
         assert (cfg.loss.teacher_guidance, cfg.loss.guidance_scale) == ("embedded", 3.5)
+
+
+def test_toy_video_patch_limits_match_the_toy_geometry():
+    """The config's patch checks hard-code the toy's geometry (tdm.config does not import torch)."""
+    from tdm.toy.motion import CANVAS, FRAMES
+
+    assert (CANVAS, FRAMES) == (16, 5)
+    for p in range(1, 17):
+        ok = CANVAS % p == 0
+        assert _valid({"toy_video": {"patch": p}}) is ok, p
+    assert [f for f in range(1, 6) if _valid({"toy_video": {"patch_frames": f}})] == [1, 5]
+
+
+def _valid(data) -> bool:
+    try:
+        load_config(data)
+        return True
+    except ConfigError:
+        return False
+
+
+def test_toy_video_defaults_yield_to_explicit_values():
+    video = load_config({"teacher": {"uri": "toy-video"}})
+    assert video.registry.model_name == "tdm-video-student" and video.optim.lr_student == 2.5e-5
+    assert (video.train.max_steps, video.train.batch_size) == (300, 32)
+    given = load_config({"teacher": {"uri": "toy-video"}, "optim": {"lr_student": 1e-4, "lr_fake": 1e-4},
+                         "train": {"max_steps": 5}})
+    assert (given.optim.lr_student, given.optim.lr_fake) == (1e-4, 1e-4)
+    assert (given.train.max_steps, given.train.batch_size) == (5, 32)
+    image = load_config({})
+    assert image.optim.lr_student == 5e-5 and image.registry.model_name == "tdm-student"

@@ -219,7 +219,7 @@ def test_toy_video_teacher_saves_and_loads_as_a_wan_pipeline(tmp_path):
     from tdm.backbones import TOY_VIDEO_PIPELINE_CLASS, WanBackbone, load_backbone
     from tdm.toy.video_teacher import build_toy_video_backbone
 
-    b = build_toy_video_backbone(seed=0)
+    b = build_toy_video_backbone(seed=0, patch=4, patch_frames=5)   # the default teacher's patches
     b.save_pretrained(tmp_path / "toy")
     index = json.loads((tmp_path / "toy" / "model_index.json").read_text())
     assert index["_class_name"] == TOY_VIDEO_PIPELINE_CLASS and index["tdm_video"]["frames"] == 5
@@ -232,6 +232,18 @@ def test_toy_video_teacher_saves_and_loads_as_a_wan_pipeline(tmp_path):
                           b.call_network(b.network, x, torch.tensor([300]), b.encode_prompts(
                               ["a handwritten digit 3 moving left"])), atol=1e-6)
     assert again.decode(x).shape == (1, 5, 1, 16, 16)
+
+
+def test_latent_geometry_counts_the_temporal_patch():
+    from tdm.backbones.video import VideoShape, latent_geometry
+
+    # 9 frames under a 4x temporal VAE: 1 + 8/4 = 3 latent frames; 32 px / 8 = 4 latents per side
+    shape = VideoShape(frames=9, height=32, width=32, fps=8.0)
+    assert latent_geometry(shape, 4, 8, (2, 2), "Wan", frame_patch=3) == (3, 4, 4)
+    with pytest.raises(InputError, match=r"video.frames: must make a multiple of 2 latent frames .*got 9"):
+        latent_geometry(shape, 4, 8, (2, 2), "Wan", frame_patch=2)
+    # the toy video teacher: pixel space, its 5 frames in one temporal patch
+    assert latent_geometry(VideoShape(frames=5, height=16, width=16, fps=4.0), 1, 1, (4, 4), "toy", 5) == (5, 16, 16)
 
 
 def test_temporal_consistency_and_frame_consistency_by_hand():

@@ -49,13 +49,17 @@ def recorded_shape(path: str | Path, model_index: dict) -> dict | None:
 
 
 def latent_geometry(shape: VideoShape, temporal: int, spatial: int, patch: tuple[int, int],
-                    what: str) -> tuple[int, int, int]:
+                    what: str, frame_patch: int = 1) -> tuple[int, int, int]:
     """(latent frames, latent height, latent width) of `shape` for a VAE compressing `temporal` frames into
-    one after the first and `spatial` pixels per side, under a network patch of `patch` latents; InputError
-    naming video.* when it cannot produce the shape (`what` names the pipeline)."""
+    one after the first and `spatial` pixels per side, under a network patch of `frame_patch` latent frames
+    by `patch` latents; InputError naming video.* when it cannot produce the shape (`what` names the
+    pipeline)."""
     if shape.frames < 1 or (shape.frames - 1) % temporal:
         raise InputError(f"video.frames: must be 1 + a multiple of {temporal} for this {what} (its VAE "
                          f"compresses {temporal} frames into one), got {shape.frames}")
+    if ((shape.frames - 1) // temporal + 1) % frame_patch:
+        raise InputError(f"video.frames: must make a multiple of {frame_patch} latent frames for this {what} "
+                         f"(its network patches {frame_patch} frames into one token), got {shape.frames}")
     for name, size, p in (("height", shape.height, patch[0]), ("width", shape.width, patch[1])):
         if size < spatial * p or size % (spatial * p):
             raise InputError(f"video.{name}: must be a positive multiple of {spatial * p} for this {what} "
@@ -88,6 +92,11 @@ class VideoBackbone(StockPipelineBackbone):
         """The family's release geometry, from its configs."""
         raise NotImplementedError
 
+    @classmethod
+    def frame_patch(cls, transformer_config) -> int:  # noqa: ARG003 - a family with temporal patches reads it
+        """Latent frames per token of the network (1: no temporal patch)."""
+        return 1
+
     @property
     def _factors(self) -> tuple[int, int, tuple[int, int]]:
         return self.factors(self.network.config, None if self.vae is None else self.vae.config)
@@ -104,7 +113,8 @@ class VideoBackbone(StockPipelineBackbone):
 
     def latent_geometry(self, shape: VideoShape) -> tuple[int, int, int]:
         """(latent frames, latent height, latent width) of `shape` (see `latent_geometry`)."""
-        return latent_geometry(shape, *self._factors, self.pipeline_class)
+        return latent_geometry(shape, *self._factors, self.pipeline_class,
+                               self.frame_patch(self.network.config))
 
     @classmethod
     def check_shape(cls, read_config, model_index: dict, video: dict | None, recorded: dict | None) -> VideoShape:
@@ -113,7 +123,8 @@ class VideoBackbone(StockPipelineBackbone):
         transformer, vae = read_config("transformer"), read_config("vae")
         temporal, spatial, patch = cls.factors(transformer, vae)
         shape = cls.family_shape_of(transformer, model_index, spatial).merged(recorded).merged(video)
-        latent_geometry(shape, temporal, spatial, patch, model_index.get("_class_name", cls.__name__))
+        latent_geometry(shape, temporal, spatial, patch, model_index.get("_class_name", cls.__name__),
+                        cls.frame_patch(transformer))
         return shape
 
     def set_shape(self, shape: VideoShape) -> None:

@@ -57,6 +57,10 @@ class WanBackbone(VideoBackbone):
             return 1, 1, (int(p[1]), int(p[2]))
         return int(vae_config["scale_factor_temporal"]), int(vae_config["scale_factor_spatial"]), (int(p[1]), int(p[2]))
 
+    @classmethod
+    def frame_patch(cls, transformer_config) -> int:
+        return int(transformer_config["patch_size"][0])   # 1 in every release; the toy video teacher: 5
+
     def layout(self, frames: int, height: int, width: int) -> tuple[int, ...]:
         return (self.network.config.in_channels, frames, height, width)
 

@@ -48,7 +48,7 @@ def toy_network(cfg: TDMConfig):
     if isinstance(toy, ToyVideoConfig):
         from .video_teacher import build_toy_video_backbone
 
-        backbone = build_toy_video_backbone(toy.seed, toy.heads, toy.layers, toy.patch, toy.head_dim)
+        backbone = build_toy_video_backbone(toy.seed, toy.heads, toy.layers, toy.patch, toy.head_dim, toy.patch_frames)
     else:
         from .teacher import build_toy_backbone
 
@@ -68,7 +68,7 @@ def _train(toy: ToySettings, out_dir: str) -> dict:
         from .video_teacher import train_toy_video_teacher
 
         return train_toy_video_teacher(out_dir, heads=toy.heads, head_dim=toy.head_dim, patch=toy.patch,
-                                       layers=toy.layers, **common)
+                                       layers=toy.layers, patch_frames=toy.patch_frames, **common)
     from .teacher import train_toy_teacher
 
     return train_toy_teacher(out_dir, channels=tuple(toy.channels), **common)

@@ -24,9 +24,11 @@ SHAPE = VideoShape(frames=FRAMES, height=CANVAS, width=CANVAS, fps=FPS)
 
 
 def build_toy_video_backbone(seed: int = 0, heads: int = 1, layers: int = 2, patch: int = 2,
-                             head_dim: int = 64) -> WanBackbone:
-    """A randomly initialised toy video pipeline: Wan transformer (patch 1 x `patch` x `patch`, `heads` x
-    `head_dim` wide, `layers` blocks) on 1-channel pixels, UMT5 text encoder (width 32)."""
+                             head_dim: int = 64, patch_frames: int = 1) -> WanBackbone:
+    """A randomly initialised toy video pipeline: Wan transformer (patch `patch_frames` x `patch` x `patch`,
+    `heads` x `head_dim` wide, `layers` blocks) on 1-channel pixels, UMT5 text encoder (width 32). The
+    default teacher (tdm.config.ToyVideoConfig) patches all 5 frames into each token (README, "the toy
+    video teacher")."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -40,7 +42,7 @@ def build_toy_video_backbone(seed: int = 0, heads: int = 1, layers: int = 2, pat
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id))
     transformer = WanTransformer3DModel(
-        patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=1,
+        patch_size=(patch_frames, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=1,
         out_channels=1, text_dim=32, freq_dim=64, ffn_dim=4 * heads * head_dim, num_layers=layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=None,
@@ -51,14 +53,14 @@ def build_toy_video_backbone(seed: int = 0, heads: int = 1, layers: int = 2, pat
 def train_toy_video_teacher(out_dir: str | Path, *, train_steps: int, batch_size: int, lr: float,
                             cfg_dropout: float, ema_decay: float, holdout_fraction: float, seed: int,
                             heads: int = 1, layers: int = 2, patch: int = 2, head_dim: int = 64,
-                            show_progress: bool = True) -> dict:
+                            patch_frames: int = 1, show_progress: bool = True) -> dict:
     """Train the toy video teacher on the non-held-out digits (all four directions) and save it (EMA
     weights) in diffusers layout.
 
     Rectified-flow loss (docs/method.md eq. 1.3): x_t = (1 - sigma) x0 + sigma eps with sigma the shifted
     level of u ~ U(0, 1), velocity target eps - x0, network timestep 1000 sigma. Each caption is replaced
     by the empty prompt with probability cfg_dropout. Returns training metrics."""
-    backbone = build_toy_video_backbone(seed, heads, layers, patch, head_dim)
+    backbone = build_toy_video_backbone(seed, heads, layers, patch, head_dim, patch_frames)
     net, text_encoder = backbone.network, backbone.pipe.text_encoder
     _, labels = load_digits_tensors()
     train_idx, _ = split_indices(labels, holdout_fraction, seed)
