@@ -146,7 +146,7 @@ def latency(arch: str, latent: int, device: str, repeats: int, batches: list[int
     from diffusers import AutoencoderTiny
 
     from tdm.generation import TDMPipeline
-    from tdm.sampler import uniform_grid
+    from tdm.grids import uniform_grid
     from tdm.spec import model_spec, teacher_spec
 
     b = real_backbone(arch, latent, device)

@@ -80,7 +80,7 @@ def main():
     from tdm.backbones import WanBackbone
     from tdm.backbones.video import VideoShape
     from tdm.generation import TDMPipeline
-    from tdm.sampler import default_grid
+    from tdm.grids import default_grid
     from tdm.spec import model_spec, teacher_spec
 
     dtype = torch.bfloat16

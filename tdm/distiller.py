@@ -19,6 +19,7 @@ from torch import nn
 
 from .backbones.base import Cond, guided_x0_eps, predict_x0_eps, trainable_parameters
 from .config import LossConfig, OptimConfig, StudentConfig
+from .grids import GridRule, default_grid, grid_levels
 from .losses import (
     check_grid_margins,
     fake_score_loss,
@@ -29,7 +30,7 @@ from .losses import (
     sample_trajectory_index,
     tdm_target,
 )
-from .sampler import GridRule, Trajectory, default_grid, grid_levels, sample
+from .sampler import Trajectory, sample
 from .schedules import NoiseSchedule, ddim_step, mixed_noise, snr, transition
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .backbones.base import stock_call_parameters
 from .config import embedded_scale
-from .sampler import uniform_grid
+from .grids import uniform_grid
 from .schedules import flow_sigma
 from .spec import STEP_EMBEDDING_FILE, DiffusersUsage, ModelSpec
 

@@ -2,7 +2,7 @@
 generator loss. Pure functions over tensors; `tdm.distiller` wires them to the three networks.
 
 Conventions: x0 tensors are (B, ...); per-sample quantities are (B,); `levels` is the ascending
-list [t_0 = 0, t_1, ..., t_K] of a student grid (see `tdm.sampler.grid_levels`).
+list [t_0 = 0, t_1, ..., t_K] of a student grid (see `tdm.grids.grid_levels`).
 """
 from __future__ import annotations
 

@@ -19,15 +19,17 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from . import __version__
 from .config import TDMConfig, embedded_scale, grid_problem
 from .errors import InputError, ParamError, validation_message
-from .sampler import uniform_grid
-from .schedules import NoiseSchedule
+from .grids import uniform_grid
+
+if TYPE_CHECKING:   # the spec stays torch-free: the serving HTTP tier imports it
+    from .schedules import NoiseSchedule
 
 SPEC_FILE = "tdm_model.json"
 #: a TDM-unify student's step embedding (one row per supported step count), beside tdm_model.json

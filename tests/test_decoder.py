@@ -13,7 +13,8 @@ from PIL import Image
 from tdm.backbones import load_backbone, load_decoder
 from tdm.errors import InputError
 from tdm.generation import TDMPipeline
-from tdm.sampler import seeded_noise, uniform_grid
+from tdm.grids import uniform_grid
+from tdm.sampler import seeded_noise
 from tdm.spec import model_spec
 
 PROMPTS, SEEDS = ["a cat", "a red dog"], [3, 4]

@@ -11,8 +11,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "tdm"
 #: the library core: what runs and is tested without a cluster, a tracking server or a web framework
-CORE = ("tdm.config", "tdm.schedules", "tdm.sampler", "tdm.losses", "tdm.distiller", "tdm.spec", "tdm.backbones",
-        "tdm.errors", "tdm.paths", "tdm.console")
+CORE = ("tdm.config", "tdm.schedules", "tdm.grids", "tdm.sampler", "tdm.losses", "tdm.distiller", "tdm.spec",
+        "tdm.backbones", "tdm.errors", "tdm.paths", "tdm.console")
 SERVICE_FRAMEWORKS = ("mlflow", "ray", "fastapi", "starlette", "uvicorn")
 
 
@@ -129,6 +129,21 @@ def test_the_walker_sees_lazy_imports_and_frameworks():
         assert cycles()
     finally:
         GRAPH["tdm.errors"].discard("tdm.teacher")
+
+
+def test_the_serving_http_tier_loads_no_tensor_library():
+    """An ingress replica imports tdm.serve.ingress (Ray Serve unpickles its class by reference), which
+    pulls in the package, the generator module and the model spec. None of them may load torch or
+    diffusers at import: torch alone costs seconds of a replica's start, during which the proxy holds
+    requests routed to it (/healthz included), and hundreds of MB in every HTTP replica."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, tdm.serve.ingress, tdm.serve.app, tdm.spec; "
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert "torch" not in loaded and "diffusers" not in loaded and "transformers" not in loaded, loaded
 
 
 def _sources():

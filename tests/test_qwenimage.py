@@ -11,7 +11,8 @@ from tdm.config import load_config
 from tdm.distiller import TDMDistiller
 from tdm.export import LORA_DIR
 from tdm.generation import TDMPipeline
-from tdm.sampler import sample, seeded_noise, uniform_grid
+from tdm.grids import uniform_grid
+from tdm.sampler import sample, seeded_noise
 from tdm.schedules import dynamic_flow_shift, flow_sigma, to_x0_eps
 from tdm.spec import TeacherRef, student_spec, teacher_spec
 from tdm.testing import build_tiny_qwenimage

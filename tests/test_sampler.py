@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tdm.sampler import grid_levels, sample, seeded_noise, uniform_grid
+from tdm.grids import grid_levels, uniform_grid
+from tdm.sampler import sample, seeded_noise
 from tdm.schedules import NoiseSchedule
 
 

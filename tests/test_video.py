@@ -280,7 +280,7 @@ def test_mp4_round_trip_keeps_frames_and_size(shape):
 def test_flow_match_grid_is_what_the_stock_euler_scheduler_walks():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from tdm.sampler import flow_match_grid
+    from tdm.grids import flow_match_grid
     from tdm.schedules import flow_sigma
 
     assert flow_match_grid(1, 1000, 3.0) == [1000.0]
