@@ -173,10 +173,10 @@ class TDMDistiller:
                           noise, self.grids[K], self.schedule, keep_trajectory=True)
 
     def _draw_levels(self, traj: Trajectory, K: int, generator: torch.Generator) -> tuple[_Levels, torch.Tensor]:
-        """Trajectory point k ~ U{1..K} per sample and its (u, r, tau, z); returns the levels and the
-        rollout's sampling-order index of each sample's point."""
+        """Trajectory point k in {1..K} per sample (uniform unless loss.last_step_weight) and its (u, r, tau, z);
+        returns the levels and the rollout's sampling-order index of each sample's point."""
         B, lc = traj.states.shape[1], self.loss_cfg
-        k = sample_trajectory_index(B, K, generator).to(traj.states.device)
+        k = sample_trajectory_index(B, K, generator, lc.last_step_weight).to(traj.states.device)
         levels = torch.tensor(grid_levels(self.grids[K]), device=k.device)
         u, r, tau = sample_noise_levels(levels, k, mode=lc.interval, margin_low=lc.margin_low,
                                         margin_high=lc.margin_high, randmid=lc.randmid,

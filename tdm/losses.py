@@ -39,9 +39,16 @@ def check_grid_margins(levels: Sequence[float], mode: IntervalMode, margin_low: 
                              f"{'u' if mode == 'separate' else 't_K'} - margin_high={margin_high})")
 
 
-def sample_trajectory_index(batch: int, num_steps: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample trajectory point k ~ U{1..K} (demo line 1103): which rollout state each sample trains on."""
-    return torch.randint(1, num_steps + 1, (batch,), generator=generator, device=generator.device)
+def sample_trajectory_index(batch: int, num_steps: int, generator: torch.Generator,
+                            last_step_weight: float = 1.0) -> torch.Tensor:
+    """Per-sample trajectory point k in {1..K}: which rollout state each sample trains on (docs/method.md §4
+    step 1). Uniform (demo line 1103) at last_step_weight 1; otherwise P(k = 1) = w / (w + K - 1), the student's
+    last step (the one that lands on clean samples), and 1 / (w + K - 1) for each other point. (batch,) int64."""
+    if last_step_weight == 1.0 or num_steps == 1:   # keeps the uniform draw's random stream exactly
+        return torch.randint(1, num_steps + 1, (batch,), generator=generator, device=generator.device)
+    p = torch.ones(num_steps, dtype=torch.float64, device=generator.device)
+    p[0] = last_step_weight
+    return torch.multinomial(p, batch, replacement=True, generator=generator) + 1
 
 
 def _uniform(lo: torch.Tensor, hi: torch.Tensor, discrete: bool, generator: torch.Generator) -> torch.Tensor:

@@ -133,5 +133,15 @@ def test_toy_video_defaults_yield_to_explicit_values():
                          "train": {"max_steps": 5}})
     assert (given.optim.lr_student, given.optim.lr_fake) == (1e-4, 1e-4)
     assert (given.train.max_steps, given.train.batch_size) == (5, 32)
+    assert video.loss.last_step_weight == 3.0 and given.loss.last_step_weight == 3.0
+    assert video.student.explicit_grids == given.student.explicit_grids == {4: [1000, 750, 500, 100]}
+    # a student that names its own step count or grid gets no toy grid (a K=2 student would reject a K=4 one)
+    for student in ({"num_steps": 2}, {"step_set": [1, 2, 4]}, {"t_start": 900}, {"timesteps": [999, 700, 400, 150]}):
+        own = load_config({"teacher": {"uri": "toy-video"}, "student": student, "loss": {"last_step_weight": 1}})
+        assert own.loss.last_step_weight == 1.0
+        assert own.student.explicit_grids == ({4: [999, 700, 400, 150]} if "timesteps" in student else {}), student
+    # the resolved config round-trips
+    assert load_config(video.model_dump()) == video
     image = load_config({})
     assert image.optim.lr_student == 5e-5 and image.registry.model_name == "tdm-student"
+    assert image.loss.last_step_weight == 1.0 and image.student.explicit_grids == {}

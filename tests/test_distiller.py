@@ -7,6 +7,7 @@ import torch
 from tdm.backbones import load_backbone
 from tdm.config import load_config
 from tdm.distiller import TDMDistiller, student_grids
+from tdm.sampler import Trajectory
 from tdm.train import build_roles
 
 
@@ -155,3 +156,15 @@ def test_a_non_finite_update_is_skipped_counted_and_stops_the_run_after_n_in_a_r
     assert [guard.observe(s, m) for s, m in enumerate([bad, bad, good, bad, bad], 1)] == [1, 2, 2, 3, 4]
     with pytest.raises(NonFiniteTrainingError, match="train.max_nonfinite_steps: 3 iterations in a row"):
         guard.observe(6, bad)
+
+
+def test_last_step_weight_reaches_the_trajectory_draw(tiny_toy_dir):
+    # loss.last_step_weight 3 with K = 4: half the samples train the last step (u = t_1, rollout index K - 1)
+    d, *_ = _distiller(tiny_toy_dir, loss={"last_step_weight": 3.0})
+    grid, B = d.grids[4], 3000
+    zeros = torch.zeros(4, B, *d.latent_shape)
+    traj = Trajectory(torch.tensor(grid), zeros, zeros, zeros)
+    lv, i = d._draw_levels(traj, 4, torch.Generator().manual_seed(0))
+    last = lv.u == grid[-1]
+    assert abs(float(last.double().mean()) - 0.5) < 0.03
+    assert set(i[last].tolist()) == {3} and set(i[~last].tolist()) == {0, 1, 2}

@@ -29,6 +29,21 @@ def test_trajectory_index_range():
     assert set(k.tolist()) == {1, 2, 3, 4}
 
 
+def test_trajectory_index_last_step_weight():
+    # weight 1 is the paper's uniform draw, bit for bit (same random stream as before the option existed)
+    uniform = torch.randint(1, 5, (1000,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sample_trajectory_index(1000, 4, torch.Generator().manual_seed(3), 1.0), uniform)
+    # w = 3, K = 4: P(k=1) = 3 / (3 + 3) = 1/2, P(k=2..4) = 1/6 each
+    k = sample_trajectory_index(60_000, 4, torch.Generator().manual_seed(0), 3.0)
+    freq = torch.bincount(k, minlength=5)[1:].double() / len(k)
+    assert torch.allclose(freq, torch.tensor([1 / 2, 1 / 6, 1 / 6, 1 / 6], dtype=torch.float64), atol=0.01)
+    # w = 0.5, K = 2: P(k=1) = 0.5 / 1.5 = 1/3
+    k = sample_trajectory_index(60_000, 2, torch.Generator().manual_seed(1), 0.5)
+    assert abs(float((k == 1).double().mean()) - 1 / 3) < 0.01 and set(k.tolist()) == {1, 2}
+    # K = 1: the one point, whatever the weight
+    assert sample_trajectory_index(7, 1, torch.Generator().manual_seed(0), 5.0).tolist() == [1] * 7
+
+
 def _levels(mode, randmid=False):
     levels = torch.tensor([0, 250, 500])
     k = torch.tensor([1] * 5000 + [2] * 5000)
