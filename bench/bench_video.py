@@ -10,10 +10,14 @@ What is real size and what is reduced (the CPU here has 2 cores and 24 GiB):
 - VAE: Wan's AutoencoderKLWan at full size (base_dim 96, z_dim 16);
 - text encoder: UMT5-XXL's width (d_model 4096, FFN 10240, 64 heads) with `--text-layers` of its 24
   blocks and a 32k vocabulary instead of 256k (the embedding lookup costs the same);
-- geometry: `--frames` x `--height` x `--width` (default 81 x 480 x 832 on a GPU, 9 x 64 x 64 on a CPU).
+- geometry: `--frames` x `--height` x `--width` (default 81 x 480 x 832 on a GPU, 9 x 64 x 64 on a CPU);
+- precision: `--dtype` bf16 (default; Wan's release precision) or fp32. A CPU without bf16 kernels
+  (torch reports its capability as AVX2: no avx512_bf16, no AMX) runs bf16 convolutions very slowly; the
+  Wan VAE's decode then stalls, so use fp32 there. The result line names the precision and the CPU's
+  capability.
 
-    python bench/bench_video.py [--device cpu|cuda] [--layers N] [--text-layers N] [--frames F]
-        [--height H] [--width W] [--repeats R]
+    python bench/bench_video.py [--device cpu|cuda] [--dtype bf16|fp32] [--layers N] [--text-layers N]
+        [--frames F] [--height H] [--width W] [--repeats R]
 """
 import argparse
 import statistics
@@ -25,6 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def wan_shaped(layers: int, text_layers: int, device: str, dtype):
@@ -39,7 +46,8 @@ def wan_shaped(layers: int, text_layers: int, device: str, dtype):
     tok = clip_tokenizer(Path(tempfile.mkdtemp()) / "tok")
     tok.model_max_length = 512
     before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in bf16: UMT5-XXL's width in fp32 would not fit a 24 GiB machine
+    # built in the run's precision: UMT5-XXL's full width (24 blocks) in fp32 would not fit a 24 GiB machine
+    torch.set_default_dtype(dtype)
     with torch.device(device):
         transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
                                             in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
@@ -69,6 +77,8 @@ def main():
     p.add_argument("--frames", type=int, default=None, help="frames [81 on cuda, 9 on cpu]")
     p.add_argument("--height", type=int, default=None, help="height [480 on cuda, 64 on cpu]")
     p.add_argument("--width", type=int, default=None, help="width [832 on cuda, 64 on cpu]")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="precision of every module [bf16]; fp32 on a CPU without bf16 kernels")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per row (the median is reported)")
     a = p.parse_args()
     gpu = a.device == "cuda"
@@ -83,7 +93,7 @@ def main():
     from tdm.grids import default_grid
     from tdm.spec import model_spec, teacher_spec
 
-    dtype = torch.bfloat16
+    dtype = DTYPES[a.dtype]
     b = WanBackbone(wan_shaped(layers, text_layers, a.device, dtype), VideoShape(frames, height, width, 16.0))
     grid = default_grid(4, b.schedule.max_timestep, b.grid_rule, b.schedule.num_train_timesteps, b.schedule.shift)
     student = TDMPipeline(b, model_spec(b, "student", 4, 5.0, grids={4: grid}))
@@ -119,9 +129,10 @@ def main():
             print(f"{name:>15}: {t:9.2f} s/video end to end, {n:9.2f} s/video in the denoiser", flush=True)
     (s_total, s_net), (t_total, t_net) = ((statistics.median(r[0] for r in runs[k]),
                                            statistics.median(r[1] for r in runs[k])) for k in runs)
-    threads = f", {torch.get_num_threads()} threads" if a.device == "cpu" else ""
+    threads = f", {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}" \
+        if a.device == "cpu" else ""
     tag = (f"wan2.1-1.3B-shaped ({layers}/30 blocks, UMT5 {text_layers}/24 blocks), {a.device}, {frames}x{height}x"
-           f"{width}, latents {tuple(b.latent_shape)}, bf16{threads}")
+           f"{width}, latents {tuple(b.latent_shape)}, {a.dtype}{threads}")
     print(f"[{tag}] teacher@50+CFG (100 NFE) / student@4: {t_total / s_total:.2f}x end to end (target >= 15x), "
           f"{t_net / s_net:.2f}x denoiser only; other work per video {s_total - s_net:.2f} s (text + VAE)",
           flush=True)

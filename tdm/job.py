@@ -361,7 +361,8 @@ def _evaluate(cfg: TDMConfig, student, teacher_pipe, teacher: TeacherRef):
     elif cfg.toy_kind == "toy-video":
         from .evaluation.toy_video import MotionEvaluator, video_eval_prompts
 
-        evaluator = MotionEvaluator(cfg.toy_video.holdout_fraction, cfg.toy_video.seed)
+        toy = cfg.toy_video
+        evaluator = MotionEvaluator(toy.holdout_fraction, toy.seed, toy.classifier_epochs)
         prompts = video_eval_prompts(e.num_samples)
     else:
         from .evaluation.clip import ClipEvaluator, VideoClipEvaluator

@@ -41,6 +41,7 @@ def test_defaults_document_every_field():
     ({"toy": {"channels": [12, 24]}}, "multiples of 8"),
     ({"toy_video": {"patch": 3}}, "toy_video: patch must divide the toy's 16-pixel canvas"),
     ({"toy_video": {"patch_frames": 2}}, "toy_video: patch_frames must divide the toy's 5 frames"),
+    ({"toy_video": {"classifier_epochs": 0}}, "toy_video.classifier_epochs"),
     ({"train": {"strategy": "zero3"}}, "train.strategy"),
     ({"train": {"strategy": "fsdp", "use_gpu": True, "mixed_precision": "fp16"}}, "fp16 is not supported with "
      "train.strategy fsdp"),
@@ -123,6 +124,19 @@ def _valid(data) -> bool:
         return True
     except ConfigError:
         return False
+
+
+def test_classifier_epochs_leave_the_toy_teacher_identity_alone():
+    from tdm.toy.lifecycle import toy_config_key
+
+    base, fewer = (load_config({"teacher": {"uri": "toy-video"}, "toy_video": {"classifier_epochs": n}})
+                   for n in (8, 2))
+    assert base.toy_video.classifier_epochs == 8 and fewer.toy_video.classifier_epochs == 2
+    # the teacher is reused (same key), and the key is the one teachers were registered with before the field
+    assert toy_config_key(base.toy_video) == toy_config_key(fewer.toy_video)
+    assert "classifier_epochs" not in toy_config_key(base.toy_video)
+    other = load_config({"teacher": {"uri": "toy-video"}, "toy_video": {"train_steps": 10}})
+    assert toy_config_key(other.toy_video) != toy_config_key(base.toy_video)
 
 
 def test_toy_video_defaults_yield_to_explicit_values():

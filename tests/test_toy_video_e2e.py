@@ -18,7 +18,7 @@ def video_run(ray_cluster, tdm_home):
     from tdm.job import distill
 
     cfg = load_config({"name": "toy-video-e2e", "teacher": {"uri": "toy-video"},
-                       "toy_video": {"train_steps": 30, "head_dim": 16, "batch_size": 16},
+                       "toy_video": {"train_steps": 30, "head_dim": 16, "batch_size": 16, "classifier_epochs": 2},
                        "train": {**TINY_RUN["train"], "max_steps": 3, "checkpoint_every": 3, "sample_every": 3},
                        "eval": {"num_samples": 40, "teacher_steps": 4, "batch_size": 40}, "gate": PASS_ALL})
     return distill(cfg)
@@ -50,6 +50,7 @@ def test_toy_video_evaluation_and_samples_are_logged(video_run):
     assert "samples/K4/step_0000003.gif" in {f.path for f in client.list_artifacts(run.info.run_id, "samples/K4")}
     evaluator = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/evaluator.json")
     assert evaluator["kind"] == "moving-digits" and evaluator["classifier_direction_accuracy"] > 90
+    assert evaluator["epochs"] == 2     # toy_video.classifier_epochs reached the classifier
 
 
 def test_toy_video_student_pyfunc_returns_mp4(video_run):

@@ -57,8 +57,9 @@ def toy_network(cfg: TDMConfig):
 
 
 def toy_config_key(toy: ToySettings) -> str:
-    """Identity of a toy teacher's training settings (all but the registry name and retrain)."""
-    return toy.model_dump_json(exclude={"model_name", "retrain"})
+    """Identity of a toy teacher's training settings (all but the registry name, retrain and the evaluation
+    classifier's epochs)."""
+    return toy.model_dump_json(exclude={"model_name", "retrain", "classifier_epochs"})
 
 
 def _train(toy: ToySettings, out_dir: str) -> dict:
