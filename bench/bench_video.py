@@ -11,12 +11,12 @@ What is real size and what is reduced (the CPU here has 2 cores and 24 GiB):
 - text encoder: UMT5-XXL's width (d_model 4096, FFN 10240, 64 heads) with `--text-layers` of its 24
   blocks and a 32k vocabulary instead of 256k (the embedding lookup costs the same);
 - geometry: `--frames` x `--height` x `--width` (default 81 x 480 x 832 on a GPU, 9 x 64 x 64 on a CPU);
-- precision: `--dtype` bf16 (default; Wan's release precision) or fp32. A CPU without bf16 kernels
-  (torch reports its capability as AVX2: no avx512_bf16, no AMX) runs bf16 convolutions very slowly; the
-  Wan VAE's decode then stalls, so use fp32 there. The result line names the precision and the CPU's
-  capability.
+- precision: `--dtype` bf16 (Wan's release precision) or fp32; by default bf16 on a GPU and on a CPU
+  with bf16 kernels, fp32 on a CPU without them (e.g. AVX2 only: no avx512_bf16, no AMX), where bf16
+  convolutions are so slow that the Wan VAE's decode stalls. The result line names the precision and the
+  CPU's capability.
 
-    python bench/bench_video.py [--device cpu|cuda] [--dtype bf16|fp32] [--layers N] [--text-layers N]
+    python bench/bench_video.py [--device cpu|cuda] [--dtype auto|bf16|fp32] [--layers N] [--text-layers N]
         [--frames F] [--height H] [--width W] [--repeats R]
 """
 import argparse
@@ -77,8 +77,8 @@ def main():
     p.add_argument("--frames", type=int, default=None, help="frames [81 on cuda, 9 on cpu]")
     p.add_argument("--height", type=int, default=None, help="height [480 on cuda, 64 on cpu]")
     p.add_argument("--width", type=int, default=None, help="width [832 on cuda, 64 on cpu]")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                   help="precision of every module [bf16]; fp32 on a CPU without bf16 kernels")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="precision of every module [auto: bf16, or fp32 on a CPU without bf16 kernels]")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per row (the median is reported)")
     a = p.parse_args()
     gpu = a.device == "cuda"
@@ -93,6 +93,8 @@ def main():
     from tdm.grids import default_grid
     from tdm.spec import model_spec, teacher_spec
 
+    if a.dtype == "auto":
+        a.dtype = "bf16" if gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     dtype = DTYPES[a.dtype]
     b = WanBackbone(wan_shaped(layers, text_layers, a.device, dtype), VideoShape(frames, height, width, 16.0))
     grid = default_grid(4, b.schedule.max_timestep, b.grid_rule, b.schedule.num_train_timesteps, b.schedule.shift)
