@@ -34,6 +34,14 @@ sys.path.insert(0, str(ROOT))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN runs bf16 natively here (avx512_bf16 or AMX); False where torch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())   # private, hence the fallback
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def wan_shaped(layers: int, text_layers: int, device: str, dtype):
     """A WanPipeline with Wan 2.1 1.3B's transformer width, its VAE and UMT5-XXL's width (random weights)."""
     import tempfile
@@ -94,7 +102,7 @@ def main():
     from tdm.spec import model_spec, teacher_spec
 
     if a.dtype == "auto":
-        a.dtype = "bf16" if gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        a.dtype = "bf16" if gpu or cpu_has_bf16_kernels() else "fp32"
     dtype = DTYPES[a.dtype]
     b = WanBackbone(wan_shaped(layers, text_layers, a.device, dtype), VideoShape(frames, height, width, 16.0))
     grid = default_grid(4, b.schedule.max_timestep, b.grid_rule, b.schedule.num_train_timesteps, b.schedule.shift)

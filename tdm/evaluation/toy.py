@@ -20,16 +20,19 @@ def eval_prompts(n: int) -> list[str]:
 
 class HeldOutClassifierEvaluator(Evaluator):
     """What the toys' evaluators share: a classifier trained on the data held out from the teacher, whose
-    features give the FID space against `real` samples; deterministic in (holdout_fraction, seed)."""
+    features give the FID space against `real` samples; deterministic in (holdout_fraction, seed) and the
+    further settings a subclass passes to `_setup`."""
 
     cacheable = True
 
     def _setup(self, name: str, classifier, classifier_info: dict, real: torch.Tensor, holdout_fraction: float,
-               seed: int) -> None:
+               seed: int, **identity) -> None:
+        """`identity`: further settings that change the classifier, hence the FID space (cached teacher rows
+        hold only for an equal identity)."""
         self.classifier, self.classifier_info = classifier, classifier_info
         with torch.no_grad():
             self.ref = feature_stats(self.classifier.features(real))
-        self._identity = {"evaluator": name, "holdout_fraction": holdout_fraction, "seed": seed}
+        self._identity = {"evaluator": name, "holdout_fraction": holdout_fraction, "seed": seed, **identity}
 
     @property
     def identity(self) -> dict:

@@ -33,13 +33,12 @@ class MotionEvaluator(HeldOutClassifierEvaluator):
                Metric("consistency", "consistency %", ".1f"))
     grid_images, grid_nrow, grid_scale = 40, 8, 4
 
-    def __init__(self, holdout_fraction: float, seed: int, epochs: int = 8):
+    def __init__(self, holdout_fraction: float, seed: int, epochs: int):
         from ..toy.video_classifier import train_motion_classifier
 
         real, _, _ = moving_digits(torch.arange(1797))
         self._setup("motion-classifier", *train_motion_classifier(holdout_fraction, seed, epochs), real,
-                    holdout_fraction, seed)
-        self._identity["epochs"] = epochs   # the FID space: cached teacher rows hold only for the same classifier
+                    holdout_fraction, seed, epochs=epochs)
 
     @torch.no_grad()
     def score_targets(self, videos: torch.Tensor, digits: torch.Tensor, directions: torch.Tensor) -> dict[str, float]:

@@ -48,7 +48,7 @@ class MotionClassifier(nn.Module):
         return self.digit_head(h), self.direction_head(h)
 
 
-def train_motion_classifier(holdout_fraction: float, seed: int, epochs: int = 8) -> tuple[MotionClassifier, dict]:
+def train_motion_classifier(holdout_fraction: float, seed: int, epochs: int) -> tuple[MotionClassifier, dict]:
     """Train on the held-out digits' videos; report accuracies on the teacher's split (digits it never saw)."""
     _, labels = load_digits_tensors()
     teacher_idx, hold_idx = split_indices(labels, holdout_fraction, seed)
